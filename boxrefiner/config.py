@@ -1,0 +1,316 @@
+"""Typed configuration: YAML in, validated dataclasses out.
+
+Every key is checked once here, at the edge. The rest of the code reads attributes and never has to
+guess whether a value is missing, misspelt or out of range. Errors are `ConfigError` with one line
+that names the key (and the closest valid key for a typo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; its message is one line meant for the terminal."""
+
+
+def _spec(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+          hi_open: bool = False) -> Any:
+    """A dataclass field with an allowed numeric range (checked by the loader)."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_dim: int = _spec(256, lo=8)  # channels of the per-cell projection and the MLP
+    num_heads: int = _spec(8, lo=1)  # score maps whose row/column profiles the MLP reads
+    # Largest correction per iteration: centre shift as a fraction of the box's width/height, and
+    # log-scale change of width/height.
+    max_offset: float = _spec(0.5, lo=0, hi=2.0, lo_open=True)
+    roi_size: int = _spec(14, lo=2, hi=64)
+    context_scale: float = _spec(1.6, lo=1.0, hi=4.0)
+
+
+@dataclass(frozen=True)
+class RefinementConfig:
+    max_iter: int = _spec(3, lo=1, hi=20)
+    # Inference only: a box stops once its largest normalised correction falls below this.
+    stop_threshold: float = _spec(0.01, lo=0.0)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = _spec(16, lo=1)
+    epochs: int = _spec(30, lo=1)
+    learning_rate: float = _spec(3e-4, lo=0, lo_open=True)
+    weight_decay: float = _spec(1e-4, lo=0)
+    lr_scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: int = _spec(1, lo=0)
+    lr_step_epochs: int = _spec(10, lo=1)
+    lr_gamma: float = _spec(0.1, lo=0, hi=1, lo_open=True)
+    grad_clip: float = _spec(1.0, lo=0)
+    use_amp: bool = False
+    feature_cache: bool = True
+    # Mirror feature map and boxes together at random: the only augmentation that works on cached
+    # features (image-space augmentation cannot).
+    hflip: bool = True
+    seed: int = _spec(42, lo=0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    l1_weight: float = _spec(5.0, lo=0)
+    iou_weight: float = _spec(2.0, lo=0)
+
+
+@dataclass(frozen=True)
+class BoxNoiseConfig:
+    """Detector-like error applied to ground-truth boxes to make the refiner's inputs."""
+    center_std: float = _spec(0.1, lo=0, hi=1)  # centre shift, fraction of the box's width/height
+    scale_std: float = _spec(0.15, lo=0, hi=1)  # std of log(width) and log(height) jitter
+    max_sigma: float = _spec(2.5, lo=0, lo_open=True)  # draws are clipped at this many stds
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """When set and `data.data_root` is missing, the CLI generates a synthetic dataset there."""
+    train_images: int = _spec(96, lo=1)
+    val_images: int = _spec(32, lo=1)
+    seed: int = _spec(0, lo=0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_root: str = ""
+    data_subset: str = "Mini"
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: Union[int, str] = 300  # folder `<image_size>p`, or "fullsize"
+    masks_file: Optional[str] = None
+    sample_ratio: Optional[float] = _spec(None, lo=0, hi=1, lo_open=True)
+    num_workers: int = _spec(2, lo=0)
+    box_noise: BoxNoiseConfig = field(default_factory=BoxNoiseConfig)
+    synthetic: Optional[SyntheticDataConfig] = None
+
+
+@dataclass(frozen=True)
+class HQSAMConfig:
+    checkpoint: Optional[str] = None
+    model_type: Literal["vit_tiny", "vit_b", "vit_l", "vit_h"] = "vit_h"
+    allow_random_init: bool = False
+    # Encoder input side. Real checkpoints need 1024; smaller sizes are for random-weight tests.
+    input_size: int = _spec(1024, lo=64)
+    # Precision of cache extraction; part of the cache key because it changes the embedding.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch_size: int = _spec(4, lo=1)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    save_dir: str = "./outputs/box_refiner"
+    checkpoint_dir: str = "./checkpoints"
+    log_dir: str = "./logs"
+
+
+@dataclass(frozen=True)
+class FeatureCacheConfig:
+    enabled: bool = True
+    cache_dir: str = "./features"
+    auto_detect: bool = True
+    storage_dtype: Literal["float16", "float32"] = "float16"
+
+
+@dataclass(frozen=True)
+class OptimizationConfig:
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    noise_seed: int = _spec(1234, lo=0)  # fixes the validation input boxes across epochs and runs
+    batch_size: Optional[int] = _spec(None, lo=1)  # default: training.batch_size
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    max_samples: int = _spec(16, lo=1)
+    epochs: int = _spec(2, lo=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    refinement: RefinementConfig = field(default_factory=RefinementConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hqsam: HQSAMConfig = field(default_factory=HQSAMConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def cache_enabled(self) -> bool:
+        """The cache runs only when both switches allow it (either one can turn it off)."""
+        return self.training.feature_cache and self.optimization.feature_cache.enabled
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys of the original tool's config that this tool accepts but does not use.
+IGNORED_KEYS = ("optimization.performance",)
+
+
+# YAML 1.1 reads `5e-5` as a string; scientific notation without a dot is a float here.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, ignored: list[str] | None = None) -> Any:
+    """Convert one YAML value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key, ignored)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}': must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, key, ignored)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this file, not user error
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    lo, hi = meta.get("lo"), meta.get("hi")
+    bad_lo = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+    bad_hi = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
+    if bad_lo or bad_hi:
+        left = "(" if meta.get("lo_open") else "["
+        right = ")" if meta.get("hi_open") else "]"
+        bounds = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}"
+        raise ConfigError(f"config key '{key}': {value!r} is out of range, allowed {bounds}")
+
+
+def _build(cls: type, raw: Any, prefix: str, ignored: list[str] | None = None) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix}': expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            if any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS):
+                if ignored is not None:
+                    ignored.append(key)
+                continue
+            close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else (
+                f"; valid keys: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        converted = _convert(value, hints[name], key, ignored)
+        _check_range(converted, dict(fields[name].metadata), key)
+        values[name] = converted
+    return cls(**values)
+
+
+def _cross_check(cfg: Config) -> None:
+    if cfg.hqsam.input_size % 16:
+        raise ConfigError(f"config key 'hqsam.input_size': {cfg.hqsam.input_size} must be a multiple of 16")
+    size = cfg.data.image_size
+    if not (isinstance(size, int) and size > 0) and size != "fullsize":
+        raise ConfigError(f"config key 'data.image_size': expected a size such as 300, 500, 720 or "
+                          f"'fullsize', got {size!r}")
+    if not cfg.data.data_root:
+        raise ConfigError("config key 'data.data_root' is required: the FungiTastic root holding "
+                          "metadata/, FungiTastic-Mini/ and masks/")
+
+
+def config_from_dict(raw: dict, ignored: list[str] | None = None) -> Config:
+    cfg = _build(Config, raw, "", ignored)
+    _cross_check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> tuple[Config, list[str]]:
+    """Read and validate a YAML file; returns the config and the ignored legacy keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    ignored: list[str] = []
+    cfg = config_from_dict(raw or {}, ignored)
+    # Relative paths in a config file are relative to the working directory, like the original tool.
+    return cfg, ignored
+
+
+def replace(cfg: Config, section: str, **changes: Any) -> Config:
+    """A copy of `cfg` with some keys of one section changed."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})

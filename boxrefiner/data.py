@@ -1,0 +1,198 @@
+"""FungiTastic in its published layout: split CSVs, `<size>p` image folders and the CVAT-RLE masks parquet.
+
+    <data_root>/metadata/FungiTastic-Mini/FungiTastic-Mini-Train.csv         (column `filename`)
+    <data_root>/metadata/FungiTastic-Mini/FungiTastic-Mini-ClosedSet-Val.csv
+    <data_root>/FungiTastic-Mini/{train,val,test}/{300p,500p,720p,fullsize}/<filename>
+    <data_root>/masks/FungiTastic-Mini-TrainMasks.parquet                   (file_name, label, width, height, rle)
+    <data_root>/masks/FungiTastic-Mini-ValidationMasks.parquet
+
+The ground-truth box of an image is the tight box of the union of all its mask parts (cap, stem,
+gills, ...): the smallest box holding every foreground pixel, in continuous pixel-edge coordinates
+(`right = last column + 1`), scaled from the annotated `width` x `height` image to the loaded one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from .config import DataConfig
+from .rle import RLEError, decode_cvat_rle, mask_box
+
+log = logging.getLogger(__name__)
+
+_SPLITS = {
+    # split: (CSV name suffixes tried in order, image folder, masks parquet suffix)
+    "train": (("Train",), "train", "TrainMasks"),
+    "val": (("ClosedSet-Val", "Val"), "val", "ValidationMasks"),
+    "test": (("ClosedSet-Test", "Test"), "test", "TestMasks"),
+}
+_EXIF_ORIENTATION = 0x0112
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as configured; the message is one line naming the path."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    file_name: str
+    image_path: Path
+    width: int  # of the loaded (EXIF-oriented) image
+    height: int
+    box: tuple[float, float, float, float]  # ground truth, xyxy pixels of the loaded image
+
+
+@dataclass
+class SplitData:
+    split: str
+    samples: list[Sample]
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (file_name, reason)
+
+    def skip(self, file_name: str, reason: str) -> None:
+        self.skipped[reason] += 1
+        self.skipped_files.append((file_name, reason))
+
+
+def subset_name(subset: str) -> str:
+    return subset if subset.startswith("FungiTastic") else f"FungiTastic-{subset}"
+
+
+def expected_layout(cfg: DataConfig) -> str:
+    name = subset_name(cfg.data_subset)
+    return (f"expected {cfg.data_root}/metadata/{name}/{name}-Train.csv, "
+            f"{cfg.data_root}/{name}/<split>/{_size_folder(cfg.image_size)}/<filename>, "
+            f"{cfg.data_root}/masks/{name}-TrainMasks.parquet")
+
+
+def _size_folder(image_size: int | str) -> str:
+    return "fullsize" if image_size == "fullsize" else f"{image_size}p"
+
+
+def split_paths(cfg: DataConfig, split: str) -> tuple[Path, Path, Path]:
+    """(metadata CSV, image folder, masks parquet) of a split; DataError when the layout is off."""
+    if split not in _SPLITS:
+        raise DataError(f"unknown split '{split}' (data.train_split / data.val_split): use one of {', '.join(_SPLITS)}")
+    root = Path(cfg.data_root)
+    if not root.is_dir():
+        raise DataError(f"data.data_root '{root}' does not exist; {expected_layout(cfg)}")
+    name = subset_name(cfg.data_subset)
+    csv_suffixes, folder, masks_suffix = _SPLITS[split]
+    candidates = [root / "metadata" / name / f"{name}-{s}.csv" for s in csv_suffixes]
+    csv = next((c for c in candidates if c.is_file()), None)
+    if csv is None:
+        raise DataError(f"metadata CSV for split '{split}' not found: {candidates[0]}; {expected_layout(cfg)}")
+    images = root / name / folder / _size_folder(cfg.image_size)
+    if not images.is_dir():
+        raise DataError(f"image folder for split '{split}' not found: {images} (data.image_size={cfg.image_size!r})")
+    masks = Path(cfg.masks_file) if cfg.masks_file else root / "masks" / f"{name}-{masks_suffix}.parquet"
+    if not masks.is_file():
+        raise DataError(f"masks file for split '{split}' not found: {masks} (data.masks_file overrides it)")
+    return csv, images, masks
+
+
+def read_filenames(csv: Path) -> list[str]:
+    try:
+        frame = pd.read_csv(csv, usecols=["filename"], dtype=str)
+    except ValueError as exc:
+        raise DataError(f"{csv}: needs a 'filename' column ({exc})") from None
+    return list(dict.fromkeys(frame["filename"].dropna()))  # unique, in file order
+
+
+def read_masks(parquet: Path, file_names: set[str]) -> dict[str, list[tuple]]:
+    """Mask rows (rle, width, height) per file name, for the given files only."""
+    try:
+        frame = pd.read_parquet(parquet, columns=["file_name", "width", "height", "rle"])
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{parquet}: cannot read masks parquet with columns file_name, width, height, rle ({exc})") from None
+    frame = frame[frame["file_name"].isin(file_names)]
+    rows: dict[str, list[tuple]] = {}
+    for name, rle, width, height in zip(frame["file_name"], frame["rle"], frame["width"], frame["height"]):
+        rows.setdefault(name, []).append((rle, int(width), int(height)))
+    return rows
+
+
+def union_box(rows: list[tuple]) -> tuple[float, float, float, float, int, int]:
+    """Tight box (pixel edges) of all parts of one image, and the annotated image size."""
+    boxes = []
+    for rle, width, height in rows:
+        mask, (left, top, _, _) = decode_cvat_rle(rle, width, height)
+        box = mask_box(mask, (left, top))
+        if box is not None:
+            boxes.append(box)
+    if not boxes:
+        raise RLEError("every part mask is empty")
+    arr = np.array(boxes)
+    _, width, height = rows[0]
+    return float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max() + 1), float(arr[:, 3].max() + 1), width, height
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """Width and height after EXIF orientation, read from the header only."""
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Decode an image as HxWx3 uint8 RGB, EXIF orientation applied."""
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def choose_subset(n: int, ratio: float | None, max_count: int | None, seed: int) -> list[int]:
+    """Seeded random subset of indices (kept in file order), not a prefix."""
+    count = n if ratio is None else max(1, int(round(n * ratio)))
+    if max_count is not None:
+        count = min(count, max_count)
+    if count >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist())
+
+
+def load_split(cfg: DataConfig, split: str, *, sample_ratio: float | None = None, max_samples: int | None = None,
+               seed: int = 0) -> SplitData:
+    """Index one split: images with masks, their ground-truth boxes, and what was skipped and why."""
+    csv, image_dir, masks = split_paths(cfg, split)
+    names = read_filenames(csv)
+    rows = read_masks(masks, set(names))
+    result = SplitData(split, [])
+    with_masks = []
+    for name in names:
+        if name in rows:
+            with_masks.append(name)
+        else:
+            result.skip(name, "no_mask")
+    for index in choose_subset(len(with_masks), sample_ratio, max_samples, seed):
+        name = with_masks[index]
+        path = image_dir / name
+        if not path.is_file():
+            result.skip(name, "missing_image")
+            continue
+        try:
+            x0, y0, x1, y1, mask_w, mask_h = union_box(rows[name])
+        except RLEError as exc:
+            log.debug("%s: %s", name, exc)
+            result.skip(name, "bad_rle")
+            continue
+        try:
+            width, height = oriented_size(path)
+        except OSError:
+            result.skip(name, "unreadable_image")
+            continue
+        sx, sy = width / mask_w, height / mask_h
+        box = (x0 * sx, y0 * sy, min(x1 * sx, width), min(y1 * sy, height))
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            result.skip(name, "empty_box")
+            continue
+        result.samples.append(Sample(name, path, width, height, box))
+    return result

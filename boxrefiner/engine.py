@@ -1,0 +1,330 @@
+"""Training and evaluation: data and features prepared once, then a plain epoch loop.
+
+    prepare_splits -> prepare_features (cache warm-up, or encoder in the loop)
+    -> for each epoch: train_one_epoch, evaluate, log metrics, save last/best checkpoints
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .boxes import box_iou, hflip_boxes, hflip_extent, jitter_boxes
+from .cache import FeatureCache, count_entries, file_digest
+from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config
+from .data import DataError, Sample, SplitData, expected_layout, load_split
+from .encoder import EMBED_DIM, EncoderIdentity, ImageEncoder, autocast_context, build_encoder, encoder_identity
+from .features import CachedFeatureDataset, EpochShuffle, FeatureLoader, ImageDataset, make_loader, warm_up
+from .losses import refinement_loss
+from .progress import progress
+from .model import BoxRefinementModule
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def amp_precision(device: torch.device, use_amp: bool) -> str:
+    """The autocast dtype for training: bf16 where the hardware has it, else fp16 (CUDA only)."""
+    if not use_amp:
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+@dataclass
+class Targets:
+    """Per-sample ground truth in the normalised frame (pixels / longest side)."""
+    boxes: torch.Tensor  # (N, 4)
+    extent: torch.Tensor  # (N, 2) image width, height
+
+    @classmethod
+    def of(cls, samples: list[Sample]) -> "Targets":
+        longest = torch.tensor([max(s.width, s.height) for s in samples], dtype=torch.float64)
+        boxes = torch.tensor([s.box for s in samples], dtype=torch.float64) / longest[:, None]
+        extent = torch.tensor([(s.width, s.height) for s in samples], dtype=torch.float64) / longest[:, None]
+        return cls(boxes.float(), extent.float())
+
+
+def prepare_splits(cfg: Config, debug: bool = False) -> tuple[SplitData, SplitData]:
+    """Index both splits; train is sampled by data.sample_ratio, both capped by --debug."""
+    cap = cfg.debug.max_samples if debug else None
+    train = load_split(cfg.data, cfg.data.train_split, sample_ratio=cfg.data.sample_ratio, max_samples=cap,
+                       seed=cfg.training.seed)
+    val = load_split(cfg.data, cfg.data.val_split, max_samples=cap, seed=cfg.training.seed)
+    for split in (train, val):
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(split.skipped.items())) or "none"
+        log.info("%s split: %d samples used; skipped: %s", split.split, len(split.samples), reasons)
+        if not split.samples:
+            raise DataError(f"split '{split.split}' has no usable samples (skipped: {reasons}); {expected_layout(cfg.data)}")
+    if cfg.data.sample_ratio is not None:
+        log.info("data.sample_ratio=%g: training on a seeded random %d-image subset", cfg.data.sample_ratio,
+                 len(train.samples))
+    return train, val
+
+
+class FeatureSources:
+    """Train/val feature loaders plus the encoder, which is built only if something needs it."""
+
+    def __init__(self, cfg: Config, device: torch.device, train: SplitData, val: SplitData, amp: str):
+        self.cfg = cfg
+        self.device = device
+        cache_cfg = cfg.optimization.feature_cache
+        self.identity: EncoderIdentity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
+        self._encoder: ImageEncoder | None = None
+        self.train_sampler = EpochShuffle(len(train.samples), cfg.training.seed)
+        eval_batch = cfg.evaluation.batch_size or cfg.training.batch_size
+        workers = cfg.data.num_workers
+        if cfg.cache_enabled:
+            datasets = [self._warm_cache(split) for split in (train, val)]
+            encoder, precision = None, None
+            log.info("feature cache on: epochs read %s only%s", cache_cfg.cache_dir,
+                     "" if self._encoder else "; the HQ-SAM encoder was never built (every feature was cached)")
+        else:
+            datasets = [ImageDataset(s.samples, cfg.hqsam.input_size) for s in (train, val)]
+            encoder, precision = self.encoder, (amp if amp != "fp32" else None)
+            log.info("feature cache off: the encoder runs on every batch of every epoch (baseline mode)")
+        self.train = FeatureLoader(make_loader(datasets[0], cfg.training.batch_size, workers, device, self.train_sampler),
+                                   device, encoder, precision)
+        self.val = FeatureLoader(make_loader(datasets[1], eval_batch, workers, device), device, encoder, precision)
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        if self._encoder is None:
+            self._encoder = build_encoder(self.cfg.hqsam, self.device, self.identity)
+        return self._encoder
+
+    def _warm_cache(self, split: SplitData) -> CachedFeatureDataset:
+        cache_cfg = self.cfg.optimization.feature_cache
+        cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
+        keys = [cache.key_for(file_digest(s.image_path)) for s in split.samples]
+        if cache_cfg.auto_detect:
+            present = sum(cache.path(k).is_file() for k in keys)
+            total = count_entries(cache_cfg.cache_dir, split.split)
+            log.info("auto-detect %s: %d entries, %d of them for this run's images with %s", cache.dir, total, present,
+                     self.identity.short())
+        warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size, self.cfg.data.num_workers)
+        return CachedFeatureDataset(cache, keys)
+
+
+def make_lr_lambda(cfg: Config, steps_per_epoch: int):
+    """LR factor per optimizer step: linear warm-up, then cosine to 1% / step decay / constant."""
+    t = cfg.training
+    warmup = t.warmup_epochs * steps_per_epoch
+    total = t.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if t.lr_scheduler == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+        if t.lr_scheduler == "step":
+            return t.lr_gamma ** ((step // steps_per_epoch) // t.lr_step_epochs)
+        return 1.0
+
+    return factor
+
+
+def build_model(cfg: Config) -> BoxRefinementModule:
+    return BoxRefinementModule(**model_arguments(cfg))
+
+
+def model_arguments(cfg: Config) -> dict[str, Any]:
+    m = cfg.model
+    return {"embed_dim": EMBED_DIM, "hidden_dim": m.hidden_dim, "num_heads": m.num_heads, "max_offset": m.max_offset,
+            "max_iter": cfg.refinement.max_iter, "roi_size": m.roi_size, "context_scale": m.context_scale}
+
+
+def _format_cache(loader: FeatureLoader, seen: int) -> str:
+    return f"{100.0 * loader.cache_reads / max(1, seen):.1f}%" if loader.from_cache else "off"
+
+
+def train_one_epoch(model: BoxRefinementModule, loader: FeatureLoader, targets: Targets, optimizer, scheduler,
+                    scaler: torch.amp.GradScaler | None, cfg: Config, precision: str, epoch: int) -> dict[str, float]:
+    model.train()
+    device = next(model.parameters()).device
+    noise = cfg.data.box_noise
+    generator = torch.Generator().manual_seed(cfg.training.seed * 100_003 + epoch)  # fresh jitter each epoch
+    totals = {"loss": 0.0, "l1": 0.0, "giou": 0.0}
+    seen = 0
+    loader.cache_reads = 0
+    start = time.perf_counter()
+    bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False)
+    for indices, features in bar:
+        gt, extent = targets.boxes[indices], targets.extent[indices]
+        inputs = jitter_boxes(gt, extent, noise.center_std, noise.scale_std, noise.max_sigma, generator)
+        if cfg.training.hflip:
+            flip = torch.rand(len(indices), generator=generator) < 0.5
+            gt, inputs, extent = hflip_boxes(gt, flip), hflip_boxes(inputs, flip), hflip_extent(extent, flip)
+            features = torch.where(flip.to(device)[:, None, None, None], features.flip(-1), features)
+        gt, extent, inputs = gt.to(device), extent.to(device), inputs.to(device)
+        with autocast_context(device, precision):
+            iterations = model(features, inputs, extent)
+        loss = refinement_loss(iterations, gt, cfg.loss.l1_weight, cfg.loss.iou_weight)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss.total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.total.backward()
+        if cfg.training.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        n = len(indices)
+        seen += n
+        for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou)):
+            totals[name] += value.item() * n
+        bar.set_postfix(refresh=False, Loss=f"{totals['loss'] / seen:.4f}", L1=f"{totals['l1'] / seen:.4f}",
+                        IoU=f"{totals['giou'] / seen:.4f}", Cache=_format_cache(loader, seen))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    return {"train_loss": totals["loss"] / seen, "train_l1": totals["l1"] / seen, "train_giou_loss": totals["giou"] / seen,
+            "epoch_seconds": seconds, "samples_per_second": seen / seconds,
+            "cache_hit_rate": loader.cache_reads / seen if loader.from_cache else None}
+
+
+def validation_inputs(cfg: Config, targets: Targets) -> torch.Tensor:
+    """One fixed, seeded set of noisy validation boxes: numbers compare across epochs and runs."""
+    noise = cfg.data.box_noise
+    generator = torch.Generator().manual_seed(cfg.evaluation.noise_seed)
+    return jitter_boxes(targets.boxes, targets.extent, noise.center_std, noise.scale_std, noise.max_sigma, generator)
+
+
+@torch.no_grad()
+def evaluate(model: BoxRefinementModule, loader: FeatureLoader, targets: Targets, inputs: torch.Tensor, cfg: Config,
+             precision: str) -> dict[str, float]:
+    """Loss on every iteration (as in training) and IoU of input vs refined boxes (with early stop)."""
+    model.eval()
+    device = next(model.parameters()).device
+    iou_in, iou_out, losses = [], [], {"loss": 0.0, "l1": 0.0, "giou": 0.0}
+    start = time.perf_counter()
+    for indices, features in progress(loader, desc="Validating", unit="batch", leave=False):
+        gt, extent, boxes = targets.boxes[indices].to(device), targets.extent[indices].to(device), inputs[indices].to(device)
+        with autocast_context(device, precision):
+            iterations = model(features, boxes, extent)
+            refined = model(features, boxes, extent, stop_threshold=cfg.refinement.stop_threshold)[-1]
+        loss = refinement_loss(iterations, gt, cfg.loss.l1_weight, cfg.loss.iou_weight)
+        for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou)):
+            losses[name] += value.item() * len(indices)
+        iou_in.append(box_iou(boxes, gt).cpu())
+        iou_out.append(box_iou(refined.float(), gt).cpu())
+    before, after = torch.cat(iou_in), torch.cat(iou_out)
+    n = len(before)
+    return {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n, "val_giou_loss": losses["giou"] / n,
+            "val_iou_input": before.mean().item(), "val_iou_refined": after.mean().item(),
+            "val_worse_rate": (after < before - 1e-6).float().mean().item(),
+            "val_iou75_input": (before >= 0.75).float().mean().item(),
+            "val_iou75_refined": (after >= 0.75).float().mean().item(),
+            "val_iou90_input": (before >= 0.9).float().mean().item(),
+            "val_iou90_refined": (after >= 0.9).float().mean().item(),
+            "val_seconds": time.perf_counter() - start}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def train(cfg: Config, device: torch.device, resume: str | None = None, debug: bool = False) -> list[dict]:
+    """Run (or continue) training; returns the metrics of the epochs run now."""
+    resumed = load_checkpoint(resume) if resume else None  # a bad file fails before any slow work
+    train_split, val_split = prepare_splits(cfg, debug)
+    seed_everything(cfg.training.seed)
+    model = build_model(cfg).to(device)  # before feature extraction, which must not shift its initialisation
+    precision = amp_precision(device, cfg.training.use_amp)
+    log.info("device %s; training precision %s%s", device, precision,
+             " (training.use_amp: true)" if cfg.training.use_amp else " (training.use_amp: false)")
+    sources = FeatureSources(cfg, device, train_split, val_split, precision)
+    train_targets, val_targets = Targets.of(train_split.samples), Targets.of(val_split.samples)
+    val_inputs = validation_inputs(cfg, val_targets)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate,
+                                  weight_decay=cfg.training.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg, len(sources.train)))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    log.info("model: %d trainable parameters, %d iterations, batch size %d, %d steps per epoch",
+             sum(p.numel() for p in model.parameters()), cfg.refinement.max_iter, cfg.training.batch_size,
+             len(sources.train))
+
+    ckpt_dir, save_dir = Path(cfg.output.checkpoint_dir), Path(cfg.output.save_dir)
+    metrics_path = save_dir / "metrics.jsonl"
+    start_epoch, best_iou, best_epoch = 0, -1.0, -1
+    if resumed is not None:
+        try:
+            model.load_state_dict(resumed["model_state_dict"])
+        except RuntimeError:
+            raise CheckpointError(f"--resume {resume}: its model does not match this config's model section "
+                                  f"(checkpoint: {resumed.get('model_args')})") from None
+        optimizer.load_state_dict(resumed["optimizer_state_dict"])
+        if resumed.get("scheduler_state_dict"):
+            scheduler.load_state_dict(resumed["scheduler_state_dict"])
+        if scaler is not None and resumed.get("scaler_state_dict"):
+            scaler.load_state_dict(resumed["scaler_state_dict"])
+        start_epoch = int(resumed["epoch"]) + 1
+        best_iou, best_epoch = float(resumed.get("best_val_iou", -1.0)), int(resumed.get("best_epoch", -1))
+        log.info("resumed from %s: continuing at epoch %d of %d", resume, start_epoch, cfg.training.epochs)
+    else:
+        if (ckpt_dir / LAST).exists():
+            log.warning("%s exists from an earlier run and will be replaced (use --resume to continue it)", ckpt_dir / LAST)
+        metrics_path.unlink(missing_ok=True)
+
+    history = []
+    for epoch in range(start_epoch, cfg.training.epochs):
+        sources.train_sampler.set_epoch(epoch)
+        record = {"epoch": epoch}
+        record.update(train_one_epoch(model, sources.train, train_targets, optimizer, scheduler, scaler, cfg,
+                                      precision, epoch))
+        record.update(evaluate(model, sources.val, val_targets, val_inputs, cfg, precision))
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        improved = record["val_iou_refined"] > best_iou
+        if improved:
+            best_iou, best_epoch = record["val_iou_refined"], epoch
+        cache = "off" if record["cache_hit_rate"] is None else f"{100 * record['cache_hit_rate']:.0f}%"
+        log.info("epoch %d/%d  loss %.4f (L1 %.4f, GIoU %.4f)  val loss %.4f  IoU %.3f -> %.3f  worse %.0f%%  "
+                 "%.1fs train (%.0f samples/s), %.1fs val, cache %s%s", epoch, cfg.training.epochs - 1,
+                 record["train_loss"], record["train_l1"], record["train_giou_loss"], record["val_loss"],
+                 record["val_iou_input"], record["val_iou_refined"], 100 * record["val_worse_rate"],
+                 record["epoch_seconds"], record["samples_per_second"], record["val_seconds"], cache,
+                 "  *best*" if improved else "")
+        _append_jsonl(metrics_path, record)
+        history.append(record)
+        state = {"epoch": epoch, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                 "scheduler_state_dict": scheduler.state_dict(),
+                 "scaler_state_dict": scaler.state_dict() if scaler is not None else None,
+                 "train_loss": record["train_loss"], "val_loss": record["val_loss"],
+                 "val_iou_refined": record["val_iou_refined"], "best_val_iou": best_iou, "best_epoch": best_epoch,
+                 "config": cfg.to_dict(), "model_args": model_arguments(cfg),
+                 "encoder": sources.identity.__dict__.copy(), "version": __version__}
+        save_checkpoint(state, ckpt_dir / LAST)
+        if improved:
+            save_checkpoint(state, ckpt_dir / BEST)
+    if history:
+        log.info("done: best val IoU %.3f at epoch %d; checkpoints in %s, metrics in %s", best_iou, best_epoch,
+                 ckpt_dir, metrics_path)
+    return history

@@ -1,0 +1,77 @@
+"""CVAT run-length encoding, as stored in FungiTastic's masks parquet.
+
+A value is a list of integers: run lengths alternating background/foreground, starting with a
+background run (possibly 0), covering the part's bounding box row by row; the last four numbers are
+that box `[left, top, right, bottom]`, inclusive, in the coordinates of the annotated image.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class RLEError(ValueError):
+    """A mask value that does not decode; the message says why."""
+
+
+def parse_rle(value: Any) -> np.ndarray:
+    """Accept a list/array of ints or the same numbers stored as a string ("[1, 2, ...]" or "1,2,...")."""
+    if isinstance(value, (bytes, str)):
+        text = value.decode() if isinstance(value, bytes) else value
+        tokens = re.findall(r"-?\d+(?:\.\d+)?", text)
+        if len(re.sub(r"[\s,\[\]\d.-]", "", text)):
+            raise RLEError(f"RLE string has characters other than numbers: {text[:40]!r}")
+        numbers = np.array([float(t) for t in tokens])
+    else:
+        try:
+            numbers = np.asarray(value, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            raise RLEError(f"RLE is neither a list of numbers nor a string: {type(value).__name__}") from None
+    if numbers.size < 5:
+        raise RLEError(f"RLE has {numbers.size} numbers; needs runs plus a 4-number box")
+    if not np.all(numbers == np.round(numbers)) or np.any(numbers < 0):
+        raise RLEError("RLE holds negative or non-integer numbers")
+    return numbers.astype(np.int64)
+
+
+def decode_cvat_rle(value: Any, width: int | None = None, height: int | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Decode to (mask over the part's box, box). With width/height, the box is checked against the image."""
+    numbers = parse_rle(value)
+    runs, (left, top, right, bottom) = numbers[:-4], (int(v) for v in numbers[-4:])
+    box_w, box_h = right - left + 1, bottom - top + 1
+    if box_w <= 0 or box_h <= 0:
+        raise RLEError(f"RLE box [{left}, {top}, {right}, {bottom}] is empty")
+    if width is not None and height is not None and (right >= width or bottom >= height):
+        raise RLEError(f"RLE box [{left}, {top}, {right}, {bottom}] lies outside the {width}x{height} image")
+    if runs.sum() != box_w * box_h:
+        raise RLEError(f"RLE runs cover {int(runs.sum())} pixels but the box has {box_w}x{box_h}={box_w * box_h}")
+    values = np.zeros(runs.size, dtype=bool)
+    values[1::2] = True
+    mask = np.repeat(values, runs).reshape(box_h, box_w)
+    return mask, (left, top, right, bottom)
+
+
+def encode_cvat_rle(mask: np.ndarray) -> list[int]:
+    """Encode a full-image boolean mask (H, W) with at least one foreground pixel."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise RLEError("cannot encode an empty mask")
+    left, top, right, bottom = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    flat = mask[top:bottom + 1, left:right + 1].ravel().astype(np.int8)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0]:  # runs must start with background
+        runs = [0] + runs
+    return [int(r) for r in runs] + [left, top, right, bottom]
+
+
+def mask_box(mask: np.ndarray, origin: Sequence[int] = (0, 0)) -> tuple[int, int, int, int] | None:
+    """Tight inclusive box of the foreground pixels, offset by origin (left, top); None when empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return (int(xs.min()) + origin[0], int(ys.min()) + origin[1], int(xs.max()) + origin[0], int(ys.max()) + origin[1])
