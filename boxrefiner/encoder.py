@@ -177,7 +177,8 @@ class EncoderIdentity:
         return "|".join((self.model_type, self.weights, str(self.input_size), self.precision, self.preprocess))
 
     def short(self) -> str:
-        return f"{self.model_type}@{self.weights[:10]}/{self.input_size}/{self.precision}"
+        weights = "random-init" if self.weights.startswith("random-init") else self.weights[:10]
+        return f"{self.model_type}@{weights}/{self.input_size}/{self.precision}"
 
 
 def encoder_identity(cfg: HQSAMConfig, memo_dir: str | Path | None = None) -> EncoderIdentity:

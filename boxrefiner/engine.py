@@ -20,12 +20,11 @@ import torch
 
 from . import __version__
 from .boxes import box_iou, hflip_boxes, hflip_extent, jitter_boxes
-from .cache import FeatureCache, count_entries, file_digest
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import DataError, Sample, SplitData, expected_layout, load_split
-from .encoder import EMBED_DIM, EncoderIdentity, ImageEncoder, autocast_context, build_encoder, encoder_identity
-from .features import CachedFeatureDataset, EpochShuffle, FeatureLoader, ImageDataset, make_loader, warm_up
+from .encoder import EMBED_DIM, autocast_context
+from .features import FeatureLoader, FeatureSources
 from .losses import refinement_loss
 from .progress import progress
 from .model import BoxRefinementModule
@@ -77,50 +76,6 @@ def prepare_splits(cfg: Config, debug: bool = False) -> tuple[SplitData, SplitDa
         log.info("data.sample_ratio=%g: training on a seeded random %d-image subset", cfg.data.sample_ratio,
                  len(train.samples))
     return train, val
-
-
-class FeatureSources:
-    """Train/val feature loaders plus the encoder, which is built only if something needs it."""
-
-    def __init__(self, cfg: Config, device: torch.device, train: SplitData, val: SplitData, amp: str):
-        self.cfg = cfg
-        self.device = device
-        cache_cfg = cfg.optimization.feature_cache
-        self.identity: EncoderIdentity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
-        self._encoder: ImageEncoder | None = None
-        self.train_sampler = EpochShuffle(len(train.samples), cfg.training.seed)
-        eval_batch = cfg.evaluation.batch_size or cfg.training.batch_size
-        workers = cfg.data.num_workers
-        if cfg.cache_enabled:
-            datasets = [self._warm_cache(split) for split in (train, val)]
-            encoder, precision = None, None
-            log.info("feature cache on: epochs read %s only%s", cache_cfg.cache_dir,
-                     "" if self._encoder else "; the HQ-SAM encoder was never built (every feature was cached)")
-        else:
-            datasets = [ImageDataset(s.samples, cfg.hqsam.input_size) for s in (train, val)]
-            encoder, precision = self.encoder, (amp if amp != "fp32" else None)
-            log.info("feature cache off: the encoder runs on every batch of every epoch (baseline mode)")
-        self.train = FeatureLoader(make_loader(datasets[0], cfg.training.batch_size, workers, device, self.train_sampler),
-                                   device, encoder, precision)
-        self.val = FeatureLoader(make_loader(datasets[1], eval_batch, workers, device), device, encoder, precision)
-
-    @property
-    def encoder(self) -> ImageEncoder:
-        if self._encoder is None:
-            self._encoder = build_encoder(self.cfg.hqsam, self.device, self.identity)
-        return self._encoder
-
-    def _warm_cache(self, split: SplitData) -> CachedFeatureDataset:
-        cache_cfg = self.cfg.optimization.feature_cache
-        cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
-        keys = [cache.key_for(file_digest(s.image_path)) for s in split.samples]
-        if cache_cfg.auto_detect:
-            present = sum(cache.path(k).is_file() for k in keys)
-            total = count_entries(cache_cfg.cache_dir, split.split)
-            log.info("auto-detect %s: %d entries, %d of them for this run's images with %s", cache.dir, total, present,
-                     self.identity.short())
-        warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size, self.cfg.data.num_workers)
-        return CachedFeatureDataset(cache, keys)
 
 
 def make_lr_lambda(cfg: Config, steps_per_epoch: int):

@@ -13,9 +13,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .cache import FeatureCache
-from .data import Sample, load_rgb
-from .encoder import ImageEncoder, preprocess
+from .cache import FeatureCache, count_entries, file_digest
+from .config import Config
+from .data import Sample, SplitData, load_rgb
+from .encoder import EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, preprocess
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -128,3 +129,47 @@ def warm_up(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
                 cache.save(keys[missing[j]], feature)
             bar.update(len(indices))
     return hits, len(missing)
+
+
+class FeatureSources:
+    """Train/val feature loaders plus the encoder, which is built only if something needs it."""
+
+    def __init__(self, cfg: Config, device: torch.device, train: SplitData, val: SplitData, amp: str):
+        self.cfg = cfg
+        self.device = device
+        cache_cfg = cfg.optimization.feature_cache
+        self.identity: EncoderIdentity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
+        self._encoder: ImageEncoder | None = None
+        self.train_sampler = EpochShuffle(len(train.samples), cfg.training.seed)
+        eval_batch = cfg.evaluation.batch_size or cfg.training.batch_size
+        workers = cfg.data.num_workers
+        if cfg.cache_enabled:
+            datasets = [self._warm_cache(split) for split in (train, val)]
+            encoder, precision = None, None
+            log.info("feature cache on: epochs read %s only%s", cache_cfg.cache_dir,
+                     "" if self._encoder else "; the HQ-SAM encoder was never built (every feature was cached)")
+        else:
+            datasets = [ImageDataset(s.samples, cfg.hqsam.input_size) for s in (train, val)]
+            encoder, precision = self.encoder, (amp if amp != "fp32" else None)
+            log.info("feature cache off: the encoder runs on every batch of every epoch (baseline mode)")
+        self.train = FeatureLoader(make_loader(datasets[0], cfg.training.batch_size, workers, device, self.train_sampler),
+                                   device, encoder, precision)
+        self.val = FeatureLoader(make_loader(datasets[1], eval_batch, workers, device), device, encoder, precision)
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        if self._encoder is None:
+            self._encoder = build_encoder(self.cfg.hqsam, self.device, self.identity)
+        return self._encoder
+
+    def _warm_cache(self, split: SplitData) -> CachedFeatureDataset:
+        cache_cfg = self.cfg.optimization.feature_cache
+        cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
+        keys = [cache.key_for(file_digest(s.image_path)) for s in split.samples]
+        if cache_cfg.auto_detect:
+            present = sum(cache.path(k).is_file() for k in keys)
+            total = count_entries(cache_cfg.cache_dir, split.split)
+            log.info("auto-detect %s: %d entries, %d of them for this run's images with %s", cache.dir, total, present,
+                     self.identity.short())
+        warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size, self.cfg.data.num_workers)
+        return CachedFeatureDataset(cache, keys)

@@ -130,3 +130,10 @@ def test_resume_with_another_model_shape_is_refused(first_run, tmp_path):
     raw = small_config(cfg.data.data_root, tmp_path, model={"hidden_dim": 32})
     with pytest.raises(CheckpointError, match="does not match this config's model section"):
         train(config_from_dict(raw), CPU, resume=str(work / "ckpt" / "last.pth"))
+
+
+def test_cpu_amp_uses_bf16_autocast(synthetic_root, tmp_path, caplog):
+    cfg = config_from_dict(small_config(synthetic_root, tmp_path, training={"epochs": 1, "use_amp": True}))
+    history = train(cfg, CPU)
+    assert "training precision bf16" in caplog.text
+    assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
