@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .cache import clear_cache
+from .cache import CacheError, cache_tag, clear_cache
 from .checkpoint import LAST, CheckpointError
 from .config import Config, ConfigError, load_config, replace
 from .data import DataError
-from .encoder import EncoderError
+from .encoder import EncoderError, encoder_identity
 
 log = logging.getLogger("boxrefiner")
-USER_ERRORS = (ConfigError, DataError, EncoderError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, EncoderError, CheckpointError, CacheError)
 
 
 class _TqdmHandler(logging.Handler):
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/box_refinement_config.yaml")
     parser.add_argument("--fast", action="store_true", help="sample_ratio 0.1, AMP on, batch size min(2x, 32)")
     parser.add_argument("--debug", action="store_true", help="at most debug.max_samples images per split, debug.epochs epochs")
-    parser.add_argument("--clear-cache", nargs="?", const="run", choices=["run", "all"],
-                        help="delete cached features before the run ('all': every encoder's)")
+    parser.add_argument("--clear-cache", nargs="?", const="encoder", choices=["encoder", "all"],
+                        help="delete this encoder's cached features before the run ('all': every encoder's)")
     parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                         help="continue from a checkpoint; 'auto' or no value: last.pth in output.checkpoint_dir")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -124,6 +124,20 @@ def ensure_synthetic_data(cfg: Config) -> None:
     generate(root, s.train_images, s.val_images, s.seed)
 
 
+def clear_features(cfg: Config, every_encoder: bool) -> None:
+    """--clear-cache: this run's encoder's entries in every split, or (all) every entry."""
+    cache_cfg = cfg.optimization.feature_cache
+    if every_encoder:
+        files, size = clear_cache(cache_cfg.cache_dir)
+        whose = "every encoder"
+    else:
+        identity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
+        files, size = clear_cache(cache_cfg.cache_dir, cache_tag(identity, cache_cfg.storage_dtype))
+        whose = identity.short()
+    log.info("--clear-cache: removed %d feature files (%.1f MiB) of %s from %s", files, size / 2**20, whose,
+             cache_cfg.cache_dir)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, ignored = load_config(args.config)
@@ -137,9 +151,7 @@ def run(argv: list[str] | None = None) -> int:
     resume = resolve_resume(args.resume, cfg)
     ensure_synthetic_data(cfg)
     if args.clear_cache:
-        files, size = clear_cache(cfg.optimization.feature_cache.cache_dir)
-        log.info("--clear-cache: removed %d cached feature files (%.1f MB) from %s", files, size / 2**20,
-                 cfg.optimization.feature_cache.cache_dir)
+        clear_features(cfg, every_encoder=args.clear_cache == "all")
     from .engine import train  # heavy imports after argument errors are reported
     train(cfg, device, resume=resume, debug=args.debug)
     return 0

@@ -131,6 +131,10 @@ class FeatureCacheConfig:
     cache_dir: str = "./features"
     auto_detect: bool = True
     storage_dtype: Literal["float16", "float32"] = "float16"
+    # auto: hold a split in memory when it fits memory_budget_gb (default: half the available RAM;
+    # on CUDA, half the free GPU memory); true: always; false: stream from disk with workers.
+    in_memory: Union[bool, Literal["auto"]] = "auto"
+    memory_budget_gb: Optional[float] = _spec(None, lo=0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,11 @@ class Config:
 
 # Keys of the original tool's config that this tool accepts but does not use.
 IGNORED_KEYS = ("optimization.performance",)
+# Keys that would silently do nothing, refused with the reason.
+REFUSED_KEYS = {
+    "data.augmentation": "image-space augmentation cannot apply to cached features (the encoder runs once per "
+                         "image); training.hflip mirrors feature map and boxes together instead",
+}
 
 
 # YAML 1.1 reads `5e-5` as a string; scientific notation without a dot is a float here.
@@ -261,6 +270,8 @@ def _build(cls: type, raw: Any, prefix: str, ignored: list[str] | None = None) -
     values = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else str(name)
+        if key in REFUSED_KEYS:
+            raise ConfigError(f"config key '{key}' is not supported: {REFUSED_KEYS[key]}")
         if name not in fields:
             if any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS):
                 if ignored is not None:

@@ -24,7 +24,7 @@ from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_check
 from .config import Config
 from .data import DataError, Sample, SplitData, expected_layout, load_split
 from .encoder import EMBED_DIM, autocast_context
-from .features import FeatureLoader, FeatureSources
+from .features import FeatureBatches, FeatureSources
 from .losses import refinement_loss
 from .progress import progress
 from .model import BoxRefinementModule
@@ -107,11 +107,7 @@ def model_arguments(cfg: Config) -> dict[str, Any]:
             "max_iter": cfg.refinement.max_iter, "roi_size": m.roi_size, "context_scale": m.context_scale}
 
 
-def _format_cache(loader: FeatureLoader, seen: int) -> str:
-    return f"{100.0 * loader.cache_reads / max(1, seen):.1f}%" if loader.from_cache else "off"
-
-
-def train_one_epoch(model: BoxRefinementModule, loader: FeatureLoader, targets: Targets, optimizer, scheduler,
+def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, optimizer, scheduler,
                     scaler: torch.amp.GradScaler | None, cfg: Config, precision: str, epoch: int) -> dict[str, float]:
     model.train()
     device = next(model.parameters()).device
@@ -119,10 +115,12 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureLoader, targets: 
     generator = torch.Generator().manual_seed(cfg.training.seed * 100_003 + epoch)  # fresh jitter each epoch
     totals = {"loss": 0.0, "l1": 0.0, "giou": 0.0}
     seen = 0
-    loader.cache_reads = 0
-    start = time.perf_counter()
+    reads_before, healed_before = loader.cache_reads, loader.healed
+    data_seconds = 0.0
+    start = fetch = time.perf_counter()
     bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False)
     for indices, features in bar:
+        data_seconds += time.perf_counter() - fetch  # waiting for features: reading, or the encoder
         gt, extent = targets.boxes[indices], targets.extent[indices]
         inputs = jitter_boxes(gt, extent, noise.center_std, noise.scale_std, noise.max_sigma, generator)
         if cfg.training.hflip:
@@ -151,15 +149,18 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureLoader, targets: 
         seen += n
         for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou)):
             totals[name] += value.item() * n
+        cache = f"{100.0 * (loader.cache_reads - reads_before) / seen:.1f}%" if loader.from_cache else "off"
         bar.set_postfix(refresh=False, Loss=f"{totals['loss'] / seen:.4f}", L1=f"{totals['l1'] / seen:.4f}",
-                        IoU=f"{totals['giou'] / seen:.4f}", Cache=_format_cache(loader, seen))
+                        IoU=f"{totals['giou'] / seen:.4f}", Cache=cache)
+        fetch = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     bar.close()
     return {"train_loss": totals["loss"] / seen, "train_l1": totals["l1"] / seen, "train_giou_loss": totals["giou"] / seen,
-            "epoch_seconds": seconds, "samples_per_second": seen / seconds,
-            "cache_hit_rate": loader.cache_reads / seen if loader.from_cache else None}
+            "epoch_seconds": seconds, "data_seconds": data_seconds, "samples_per_second": seen / seconds,
+            "cache_hit_rate": (loader.cache_reads - reads_before) / seen if loader.from_cache else None,
+            "cache_healed": loader.healed - healed_before}
 
 
 def validation_inputs(cfg: Config, targets: Targets) -> torch.Tensor:
@@ -170,7 +171,7 @@ def validation_inputs(cfg: Config, targets: Targets) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: BoxRefinementModule, loader: FeatureLoader, targets: Targets, inputs: torch.Tensor, cfg: Config,
+def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, inputs: torch.Tensor, cfg: Config,
              precision: str) -> dict[str, float]:
     """Loss on every iteration (as in training) and IoU of input vs refined boxes (with early stop)."""
     model.eval()
@@ -260,12 +261,13 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
         improved = record["val_iou_refined"] > best_iou
         if improved:
             best_iou, best_epoch = record["val_iou_refined"], epoch
-        cache = "off" if record["cache_hit_rate"] is None else f"{100 * record['cache_hit_rate']:.0f}%"
+        cache = "off" if record["cache_hit_rate"] is None else f"{100 * record['cache_hit_rate']:.0f}%" + (
+            f" ({record['cache_healed']} healed)" if record["cache_healed"] else "")
         log.info("epoch %d/%d  loss %.4f (L1 %.4f, GIoU %.4f)  val loss %.4f  IoU %.3f -> %.3f  worse %.0f%%  "
-                 "%.1fs train (%.0f samples/s), %.1fs val, cache %s%s", epoch, cfg.training.epochs - 1,
+                 "%.1fs train (%.0f samples/s, %.1fs waiting for features), %.1fs val, cache %s%s", epoch, cfg.training.epochs - 1,
                  record["train_loss"], record["train_l1"], record["train_giou_loss"], record["val_loss"],
                  record["val_iou_input"], record["val_iou_refined"], 100 * record["val_worse_rate"],
-                 record["epoch_seconds"], record["samples_per_second"], record["val_seconds"], cache,
+                 record["epoch_seconds"], record["samples_per_second"], record["data_seconds"], record["val_seconds"], cache,
                  "  *best*" if improved else "")
         _append_jsonl(metrics_path, record)
         history.append(record)
@@ -279,6 +281,10 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
         save_checkpoint(state, ckpt_dir / LAST)
         if improved:
             save_checkpoint(state, ckpt_dir / BEST)
+    if cfg.cache_enabled:
+        stats = sources.get_cache_stats()
+        log.info("feature cache: %d hits, %d misses (extracted), hit rate %.1f%%, %d healed, %.1f MiB read from disk",
+                 stats["hits"], stats["misses"], 100 * stats["hit_rate"], stats["healed"], stats["bytes_read"] / 2**20)
     if history:
         log.info("done: best val IoU %.3f at epoch %d; checkpoints in %s, metrics in %s", best_iou, best_epoch,
                  ckpt_dir, metrics_path)

@@ -1,25 +1,30 @@
-"""Where embeddings come from during training: the warm cache, or the encoder run on every batch.
+"""Where embeddings come from during training: the cache (in memory or streamed) or the encoder.
 
-With the cache on, `warm_up` extracts every missing entry once, in batches, before training;
-epochs then only read `.npy` files. With it off, `FeatureLoader` runs the encoder on each batch:
-the original behaviour, kept as the baseline that the speed-ups are measured against.
+With the cache on, `warm_up` extracts every missing entry once, in batches, before training. Epochs
+then read only cached values: from one in-memory tensor when the split fits the RAM (or GPU) budget,
+else streamed from the `.npy` files by DataLoader workers. With the cache off, the encoder runs on
+every batch: the original behaviour, kept as the baseline that the speed-ups are measured against.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .cache import FeatureCache, count_entries, file_digest
+from .cache import FeatureCache, file_digest
 from .config import Config
 from .data import Sample, SplitData, load_rgb
 from .encoder import EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, preprocess
 from .progress import progress
 
 log = logging.getLogger(__name__)
+_RECORD_EVERY = 256  # extracted entries between manifest updates
 
 
 class ImageDataset(Dataset):
@@ -37,7 +42,7 @@ class ImageDataset(Dataset):
 
 
 class CachedFeatureDataset(Dataset):
-    """Stored embeddings, in their storage dtype (converted to float32 on the device, per batch)."""
+    """Stored embeddings in their storage dtype; an unreadable entry comes back empty (healed by the loader)."""
 
     def __init__(self, cache: FeatureCache, keys: Sequence[str]):
         self.cache = cache
@@ -47,11 +52,15 @@ class CachedFeatureDataset(Dataset):
         return len(self.keys)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        stored = self.cache.load(self.keys[index])
-        if stored is None:
-            raise RuntimeError(f"feature cache entry {self.cache.path(self.keys[index])} disappeared during "
-                               "training; run again to re-extract it")
-        return index, torch.from_numpy(stored)
+        stored = self.cache.load(self.keys[index], count=False)
+        return index, torch.empty(0) if stored is None else torch.from_numpy(stored)
+
+
+def _collate_entries(batch: list[tuple[int, torch.Tensor]], shape: tuple, dtype: torch.dtype):
+    indices = torch.tensor([i for i, _ in batch])
+    bad = torch.tensor([t.numel() == 0 for _, t in batch])
+    features = torch.stack([torch.zeros(shape, dtype=dtype) if t.numel() == 0 else t for _, t in batch])
+    return indices, features, bad
 
 
 class EpochShuffle(Sampler):
@@ -74,40 +83,42 @@ class EpochShuffle(Sampler):
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
-                sampler: Sampler | None = None) -> DataLoader:
+                sampler: Sampler | None = None, collate_fn=None, persistent: bool = True) -> DataLoader:
     # A private generator: creating an iterator must not draw from the global RNG, or a run that had
     # to extract features would initialise and train differently from one that found them cached.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(0))
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))
 
 
-class FeatureLoader:
-    """Batches of (sample indices, float32 embeddings on the device), from the cache or the encoder."""
+def extract(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str], indices: Sequence[int],
+            encoder: ImageEncoder, batch_size: int, num_workers: int, bar_desc: str | None = None) -> dict[int, np.ndarray]:
+    """Encode the given samples and store them; returns the stored arrays when few (healing), else {}."""
+    subset = [samples[i] for i in indices]
+    keep = len(indices) <= batch_size * 4
+    loader = make_loader(ImageDataset(subset, cache.identity.input_size), batch_size, num_workers, encoder.device,
+                         persistent=False)
+    stored, pending = {}, {}
+    with progress(total=len(subset), desc=bar_desc, unit="img", disable=bar_desc is None) as bar:
+        for positions, images in loader:
+            features = encoder.encode(images).cpu().numpy()
+            for position, feature in zip(positions.tolist(), features):
+                index = indices[position]
+                value = cache.save(keys[index], feature)
+                pending[keys[index]] = _entry_record(samples[index])
+                if keep:
+                    stored[index] = value
+            if len(pending) >= _RECORD_EVERY:
+                cache.record(pending)
+                pending = {}
+            bar.update(len(positions))
+    if pending:
+        cache.record(pending)
+    return stored
 
-    def __init__(self, loader: DataLoader, device: torch.device, encoder: ImageEncoder | None = None,
-                 encode_precision: str | None = None):
-        self.loader = loader
-        self.device = device
-        self.encoder = encoder
-        self.encode_precision = encode_precision
-        self.cache_reads = 0  # entries served from the cache since the last reset
 
-    @property
-    def from_cache(self) -> bool:
-        return self.encoder is None
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for indices, tensors in self.loader:
-            if self.encoder is not None:
-                features = self.encoder.encode(tensors, self.encode_precision)
-            else:
-                features = tensors.to(self.device, non_blocking=True).float()
-                self.cache_reads += len(indices)
-            yield indices, features
+def _entry_record(sample: Sample) -> dict:
+    return {"file": sample.file_name, "width": sample.width, "height": sample.height}
 
 
 def warm_up(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
@@ -115,24 +126,104 @@ def warm_up(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
     """Extract every entry that is missing or bad; returns (hits, extracted)."""
     missing = [i for i, key in enumerate(keys) if not cache.is_valid(key)]
     hits = len(keys) - len(missing)
-    log.info("feature cache %s: %d of %d entries present (%.0f%%), %d to extract", cache.dir, hits, len(keys),
-             100.0 * hits / max(1, len(keys)), len(missing))
-    if not missing:
-        return hits, 0
-    encoder = get_encoder()
-    subset = [samples[i] for i in missing]
-    loader = make_loader(ImageDataset(subset, cache.identity.input_size), batch_size, num_workers, encoder.device)
-    with progress(total=len(subset), desc=f"Extracting {cache.dir.name}", unit="img") as bar:
-        for indices, images in loader:
-            features = encoder.encode(images).cpu().numpy()
-            for j, feature in zip(indices.tolist(), features):
-                cache.save(keys[missing[j]], feature)
-            bar.update(len(indices))
+    log.info("feature cache %s: %d of %d entries present (%.0f%%), %d to extract%s", cache.dir, hits, len(keys),
+             100.0 * hits / max(1, len(keys)), len(missing),
+             f" ({len(missing) * cache.entry_bytes / 2**20:.0f} MiB)" if missing else "")
+    cache.ensure_room(len(missing))
+    if missing:
+        extract(cache, samples, keys, missing, get_encoder(), batch_size, num_workers,
+                bar_desc=f"Extracting {cache.dir.name}")
+    cache.record({keys[i]: _entry_record(samples[i]) for i in range(len(keys)) if i not in set(missing)})
     return hits, len(missing)
 
 
+def available_memory() -> int:
+    """Bytes of RAM the kernel says are available without swapping."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class FeatureBatches:
+    """Common interface: iterate (sample indices, embeddings on the device); count what came from the cache."""
+
+    from_cache = True
+
+    def __init__(self, batch_size: int, size: int, sampler: Sampler | None):
+        self.batch_size = batch_size
+        self.size = size
+        self.sampler = sampler
+        self.cache_reads = 0  # entries served from the cache, cumulative
+        self.healed = 0  # entries found bad while reading and extracted again, cumulative
+
+    def __len__(self) -> int:
+        return (self.size + self.batch_size - 1) // self.batch_size
+
+
+class InMemoryFeatures(FeatureBatches):
+    """The whole split in one tensor (float32 when it fits, else the storage dtype), indexed per batch."""
+
+    def __init__(self, store: torch.Tensor, batch_size: int, device: torch.device, sampler: Sampler | None = None):
+        super().__init__(batch_size, store.shape[0], sampler)
+        self.store = store
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler) if self.sampler is not None else range(self.size))
+        for indices in order.split(self.batch_size):
+            batch = self.store.index_select(0, indices.to(self.store.device))
+            self.cache_reads += len(indices)
+            yield indices, batch.to(self.device, non_blocking=True)
+
+
+class StreamedFeatures(FeatureBatches):
+    """Entries read from disk by DataLoader workers; an entry that turns out bad is re-extracted here."""
+
+    def __init__(self, cache: FeatureCache, keys: Sequence[str], heal: Callable[[list[int]], dict[int, np.ndarray]],
+                 batch_size: int, num_workers: int, device: torch.device, sampler: Sampler | None = None):
+        super().__init__(batch_size, len(keys), sampler)
+        collate = functools.partial(_collate_entries, shape=cache.shape, dtype=torch.from_numpy(np.zeros(0, cache.dtype)).dtype)
+        self.loader = make_loader(CachedFeatureDataset(cache, keys), batch_size, num_workers, device, sampler, collate)
+        self.heal = heal
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for indices, features, bad in self.loader:
+            if bad.any():
+                positions = bad.nonzero().flatten().tolist()
+                fresh = self.heal([int(indices[p]) for p in positions])
+                for p in positions:
+                    features[p] = torch.from_numpy(fresh[int(indices[p])])
+                self.healed += len(positions)
+            self.cache_reads += len(indices) - int(bad.sum())
+            yield indices, features.to(self.device, non_blocking=True)
+
+
+class EncodedFeatures(FeatureBatches):
+    """The encoder on every batch (cache off)."""
+
+    from_cache = False
+
+    def __init__(self, samples: Sequence[Sample], encoder: ImageEncoder, precision: str | None, batch_size: int,
+                 num_workers: int, sampler: Sampler | None = None):
+        super().__init__(batch_size, len(samples), sampler)
+        self.loader = make_loader(ImageDataset(samples, encoder.identity.input_size), batch_size, num_workers,
+                                  encoder.device, sampler)
+        self.encoder = encoder
+        self.precision = precision
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for indices, images in self.loader:
+            yield indices, self.encoder.encode(images, self.precision)
+
+
 class FeatureSources:
-    """Train/val feature loaders plus the encoder, which is built only if something needs it."""
+    """Train/val feature batches plus the encoder, which is built only if something needs it."""
 
     def __init__(self, cfg: Config, device: torch.device, train: SplitData, val: SplitData, amp: str):
         self.cfg = cfg
@@ -141,20 +232,33 @@ class FeatureSources:
         self.identity: EncoderIdentity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
         self._encoder: ImageEncoder | None = None
         self.train_sampler = EpochShuffle(len(train.samples), cfg.training.seed)
-        eval_batch = cfg.evaluation.batch_size or cfg.training.batch_size
-        workers = cfg.data.num_workers
+        self.caches: dict[str, FeatureCache] = {}
+        self.extracted = 0  # entries the warm-up had to extract
+        batch_sizes = (cfg.training.batch_size, cfg.evaluation.batch_size or cfg.training.batch_size)
+        samplers = (self.train_sampler, None)
         if cfg.cache_enabled:
-            datasets = [self._warm_cache(split) for split in (train, val)]
-            encoder, precision = None, None
-            log.info("feature cache on: epochs read %s only%s", cache_cfg.cache_dir,
+            self._budget = self._memory_budget()
+            self.train, self.val = (self._cached(split, b, s) for split, b, s in zip((train, val), batch_sizes, samplers))
+            log.info("feature cache on: epochs read cached features only%s",
                      "" if self._encoder else "; the HQ-SAM encoder was never built (every feature was cached)")
         else:
-            datasets = [ImageDataset(s.samples, cfg.hqsam.input_size) for s in (train, val)]
-            encoder, precision = self.encoder, (amp if amp != "fp32" else None)
-            log.info("feature cache off: the encoder runs on every batch of every epoch (baseline mode)")
-        self.train = FeatureLoader(make_loader(datasets[0], cfg.training.batch_size, workers, device, self.train_sampler),
-                                   device, encoder, precision)
-        self.val = FeatureLoader(make_loader(datasets[1], eval_batch, workers, device), device, encoder, precision)
+            precision = amp if amp != "fp32" else None
+            self.train, self.val = (EncodedFeatures(split.samples, self.encoder, precision, b, cfg.data.num_workers, s)
+                                    for split, b, s in zip((train, val), batch_sizes, samplers))
+            log.info("feature cache off: the encoder runs on every batch of every epoch (baseline mode)%s",
+                     f", under {amp} autocast" if precision else "")
+
+    def get_cache_stats(self) -> dict:
+        """hits: entries served from the cache (epochs, or loading into memory); misses: entries that had to
+        be extracted; healed: bad entries deleted and extracted again; bytes_read: from the .npy files."""
+        loaders = [b for b in (self.train, self.val) if b.from_cache]
+        streamed = sum(b.cache_reads for b in loaders if isinstance(b, StreamedFeatures))
+        entry = max((c.entry_bytes for c in self.caches.values()), default=0)
+        hits = sum(b.cache_reads for b in loaders) + sum(c.stats.hits for c in self.caches.values())
+        healed = sum(b.healed for b in loaders) + sum(c.stats.healed for c in self.caches.values())  # main process
+        misses = self.extracted + sum(b.healed for b in loaders)
+        return {"hits": hits, "misses": misses, "hit_rate": hits / max(1, hits + misses), "healed": healed,
+                "bytes_read": sum(c.stats.bytes_read for c in self.caches.values()) + streamed * entry}
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -162,14 +266,62 @@ class FeatureSources:
             self._encoder = build_encoder(self.cfg.hqsam, self.device, self.identity)
         return self._encoder
 
-    def _warm_cache(self, split: SplitData) -> CachedFeatureDataset:
+    def _memory_budget(self) -> tuple[str, int]:
+        """Where an in-memory split may live and how many bytes it may take there."""
+        setting = self.cfg.optimization.feature_cache
+        if setting.in_memory is False:
+            return "none", 0
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return "cuda", int(free * 0.5)
+        budget = setting.memory_budget_gb * 2**30 if setting.memory_budget_gb else available_memory() // 2
+        return "cpu", int(budget)
+
+    def _cached(self, split: SplitData, batch_size: int, sampler: Sampler | None) -> FeatureBatches:
         cache_cfg = self.cfg.optimization.feature_cache
         cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
+        self.caches[split.split] = cache
         keys = [cache.key_for(file_digest(s.image_path)) for s in split.samples]
         if cache_cfg.auto_detect:
-            present = sum(cache.path(k).is_file() for k in keys)
-            total = count_entries(cache_cfg.cache_dir, split.split)
-            log.info("auto-detect %s: %d entries, %d of them for this run's images with %s", cache.dir, total, present,
-                     self.identity.short())
-        warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size, self.cfg.data.num_workers)
-        return CachedFeatureDataset(cache, keys)
+            mine, other, unknown = cache.census()
+            log.info("auto-detect %s: %d entries for %s, %d for other encoders%s", cache.dir, mine,
+                     self.identity.short(), other, f", {unknown} not in its manifest" if unknown else "")
+        _, extracted = warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size,
+                               self.cfg.data.num_workers)
+        self.extracted += extracted
+
+        def heal(indices: list[int]) -> dict[int, np.ndarray]:
+            return extract(cache, split.samples, keys, indices, self.encoder, self.cfg.hqsam.batch_size, 0)
+
+        store = self._load_store(cache, keys, heal)
+        if store is None:
+            return StreamedFeatures(cache, keys, heal, batch_size, self.cfg.data.num_workers, self.device, sampler)
+        return InMemoryFeatures(store, batch_size, self.device, sampler)
+
+    def _load_store(self, cache: FeatureCache, keys: Sequence[str], heal) -> torch.Tensor | None:
+        """Read every entry into one tensor, when the budget allows; None means stream from disk."""
+        place, budget = self._budget
+        setting = self.cfg.optimization.feature_cache.in_memory
+        per_entry = int(np.prod(cache.shape))
+        dtype = None
+        for candidate in (np.dtype(np.float32), cache.dtype):
+            if len(keys) * per_entry * candidate.itemsize <= budget or (setting is True and candidate == cache.dtype):
+                dtype = candidate
+                break
+        if place == "none" or dtype is None:
+            log.info("%s: %d entries (%.0f MiB) stream from disk (in_memory=%s, budget %.0f MiB)", cache.dir, len(keys),
+                     len(keys) * cache.entry_bytes / 2**20, setting, budget / 2**20)
+            return None
+        size = len(keys) * per_entry * dtype.itemsize
+        self._budget = (place, budget - size)
+        torch_dtype = torch.float32 if dtype == np.float32 else torch.from_numpy(np.zeros(0, dtype)).dtype
+        store = torch.empty((len(keys), *cache.shape), dtype=torch_dtype, device=self.device if place == "cuda" else "cpu")
+        for i, key in enumerate(progress(keys, desc=f"Loading {cache.dir.name} into memory", unit="entry", leave=False)):
+            stored = cache.load(key)
+            if stored is None:
+                stored = heal([i])[i]
+            store[i] = torch.from_numpy(stored)  # fp16 -> fp32 once per run, not once per epoch
+        if self.device.type == "cuda" and place == "cpu":
+            store = store.pin_memory()
+        log.info("%s: %d entries held in %s memory as %s (%.0f MiB)", cache.dir, len(keys), place, dtype.name, size / 2**20)
+        return store

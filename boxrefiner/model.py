@@ -44,15 +44,16 @@ class BoxRefinementModule(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
 
     def sample_roi(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Bilinear samples (B, C, R, R) at cell centres of each context-enlarged box."""
+        """Bilinear samples (B, C, R, R), float32, at cell centres of each context-enlarged box."""
         cx, cy, w, h = xyxy_to_cxcywh(boxes).unbind(-1)
         steps = (torch.arange(self.roi_size, device=boxes.device, dtype=boxes.dtype) + 0.5) / self.roi_size - 0.5
         xs = cx[:, None] + steps[None] * w[:, None] * self.context_scale
         ys = cy[:, None] + steps[None] * h[:, None] * self.context_scale
+        if features.dtype != torch.float32:
+            return gather_bilinear(features, xs, ys)
         # grid_sample with align_corners=False: -1 and 1 are the outer edges of the embedding grid.
         grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1) * 2 - 1
-        return F.grid_sample(features, grid.to(features.dtype), mode="bilinear", padding_mode="zeros",
-                             align_corners=False)
+        return F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def predict_deltas(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         maps = self.project(self.sample_roi(features, boxes))  # (B, heads, R, R)
@@ -80,3 +81,27 @@ class BoxRefinementModule(nn.Module):
             iterations.append(refined)
             boxes = refined.detach()  # each step learns to correct the previous one, not to steer it
         return iterations
+
+
+def _axis_neighbours(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, 2R) of the lower then upper neighbour cells and their weights (0 outside the grid)."""
+    pixel = coords.float() * size - 0.5  # cell centres sit at half-integers (align_corners=False)
+    low = pixel.floor()
+    frac = pixel - low
+    index = torch.cat([low, low + 1], dim=1).long()
+    weight = torch.cat([1 - frac, frac], dim=1) * ((index >= 0) & (index < size))
+    return index.clamp(0, size - 1), weight
+
+
+def gather_bilinear(features: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """grid_sample's values for a separable grid (columns xs, rows ys; (B, R), normalised), for
+    features stored in a low-precision dtype: only the 2R x 2R neighbouring cells are gathered and
+    converted to float32, not the whole map (converting a 256x64x64 map costs more than reading it)."""
+    b, _, height, width = features.shape
+    r = xs.shape[1]
+    rows, wy = _axis_neighbours(ys, height)
+    cols, wx = _axis_neighbours(xs, width)
+    batch = torch.arange(b, device=features.device)[:, None, None]
+    cells = features.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].float()  # (B, 2R, 2R, C)
+    cells = cells.permute(0, 3, 1, 2) * wy[:, None, :, None] * wx[:, None, None, :]
+    return cells[:, :, :r, :r] + cells[:, :, :r, r:] + cells[:, :, r:, :r] + cells[:, :, r:, r:]

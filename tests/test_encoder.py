@@ -108,3 +108,23 @@ def test_small_input_sizes_give_small_grids(model_type):
     with torch.inference_mode():
         out, _ = encoder(torch.zeros(1, 3, 256, 256))
     assert out.shape == (1, 256, 16, 16)
+
+
+def test_cached_entry_is_the_predictors_features_in_float16(sam_tiny_checkpoint, synthetic_root, tmp_path):
+    from segment_anything_hq import SamPredictor
+
+    from boxrefiner.cache import FeatureCache, file_digest
+    from boxrefiner.config import DataConfig
+    from boxrefiner.data import load_rgb, load_split
+    from boxrefiner.features import warm_up
+
+    sam, path = sam_tiny_checkpoint
+    sample = load_split(DataConfig(data_root=str(synthetic_root)), "val").samples[0]
+    cfg = HQSAMConfig(checkpoint=str(path), model_type="vit_tiny")
+    identity = encoder_identity(cfg)
+    cache = FeatureCache(tmp_path, "val", identity, "float16")
+    key = cache.key_for(file_digest(sample.image_path))
+    warm_up(cache, [sample], [key], lambda: build_encoder(cfg, CPU, identity), batch_size=1, num_workers=0)
+    predictor = SamPredictor(sam)
+    predictor.set_image(load_rgb(sample.image_path))
+    assert np.array_equal(cache.load(key), predictor.features[0].numpy().astype(np.float16))

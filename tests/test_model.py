@@ -42,3 +42,13 @@ def test_refined_boxes_stay_inside_the_image():
     torch.nn.init.normal_(model.head[-1].weight, std=10.0)
     out = model(torch.randn(2, 256, 16, 16), boxes(), EXTENT)[-1]
     assert (out >= 0).all() and (out[:, 2] <= EXTENT[:, 0] + 1e-6).all() and (out[:, 3] <= EXTENT[:, 1] + 1e-6).all()
+
+
+def test_low_precision_features_are_sampled_like_grid_sample():
+    model = BoxRefinementModule(hidden_dim=32, num_heads=4, roi_size=7)
+    features = torch.randn(2, 256, 16, 16)
+    half = features.half()
+    reference = model.sample_roi(half.float(), boxes())  # grid_sample on widened maps
+    torch.testing.assert_close(model.sample_roi(half, boxes()), reference, rtol=0, atol=1e-5)
+    outside = torch.tensor([[-0.3, -0.3, 0.1, 0.1], [0.9, 0.9, 1.4, 1.4]])  # zero padding beyond the grid
+    torch.testing.assert_close(model.sample_roi(half, outside), model.sample_roi(half.float(), outside), rtol=0, atol=1e-5)

@@ -13,7 +13,7 @@ from boxrefiner.engine import (FeatureSources, Targets, build_model, evaluate, p
 from conftest import small_config
 
 CPU = torch.device("cpu")
-TIMING = ("epoch_seconds", "val_seconds", "samples_per_second")
+TIMING = ("epoch_seconds", "data_seconds", "val_seconds", "samples_per_second")
 
 
 def without_timing(history):
