@@ -65,8 +65,9 @@ class TrainingConfig:
     use_amp: bool = False
     feature_cache: bool = True
     # Mirror feature map and boxes together at random: the only augmentation that works on cached
-    # features (image-space augmentation cannot).
-    hflip: bool = True
+    # features (image-space augmentation cannot). Off by default: on the demo it did not help
+    # (val IoU 0.663 vs 0.666 and 0.680 vs 0.667 over two seeds) and cost 40% of a warm epoch.
+    hflip: bool = False
     seed: int = _spec(42, lo=0)
 
 

@@ -46,3 +46,12 @@ def test_jitter_is_seeded_relative_and_clipped():
     assert centre_shift.max() <= 0.1 * 2.5 * 200 + 1e-3  # clipped at max_sigma, relative to the 200 px width
     assert 0.05 * 200 < centre_shift.std() * 1.6 < 0.2 * 200  # about 0.1 of the box width
     assert (many >= 0).all() and (many <= 400).all()
+
+
+def test_hflip_mirrors_selected_rows_about_the_padded_square():
+    from boxrefiner.boxes import hflip_boxes, hflip_extent
+    boxes, flip = t((0.1, 0.2, 0.3, 0.4), (0.1, 0.2, 0.3, 0.4)), torch.tensor([True, False])
+    out = hflip_boxes(boxes, flip)
+    assert out[0].tolist() == pytest.approx([0.7, 0.2, 0.9, 0.4]) and out[1].tolist() == boxes[1].tolist()
+    assert torch.allclose(hflip_boxes(out, flip), boxes)
+    assert hflip_extent(t((0.75, 1.0), (0.75, 1.0)), flip).tolist() == [[1.0, 1.0], [0.75, 1.0]]
