@@ -1,11 +1,12 @@
 """Training and evaluation: data and features prepared once, then a plain epoch loop.
 
-    prepare_splits -> prepare_features (cache warm-up, or encoder in the loop)
+    prepare_splits -> build_model -> FeatureSources (cache warm-up, or encoder in the loop)
     -> for each epoch: train_one_epoch, evaluate, log metrics, save last/best checkpoints
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,8 +27,8 @@ from .data import DataError, Sample, SplitData, expected_layout, load_split
 from .encoder import EMBED_DIM, autocast_context
 from .features import FeatureBatches, FeatureSources
 from .losses import refinement_loss
-from .progress import progress
 from .model import BoxRefinementModule
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,31 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
+def restore(state: dict, path: str, model, optimizer, scheduler, scaler) -> tuple[int, float, int]:
+    """Load a checkpoint's training state; returns (first epoch to run, best val IoU, its epoch)."""
+    try:
+        model.load_state_dict(state["model_state_dict"])
+    except RuntimeError:
+        raise CheckpointError(f"--resume {path}: its model does not match this config's model section "
+                              f"(checkpoint: {state.get('model_args')})") from None
+    optimizer.load_state_dict(state["optimizer_state_dict"])
+    if state.get("scheduler_state_dict"):
+        scheduler.load_state_dict(state["scheduler_state_dict"])
+    if scaler is not None and state.get("scaler_state_dict"):
+        scaler.load_state_dict(state["scaler_state_dict"])
+    return int(state["epoch"]) + 1, float(state.get("best_val_iou", -1.0)), int(state.get("best_epoch", -1))
+
+
+def epoch_summary(r: dict, epochs: int, improved: bool) -> str:
+    cache = "off" if r["cache_hit_rate"] is None else f"{100 * r['cache_hit_rate']:.0f}%" + (
+        f" ({r['cache_healed']} healed)" if r["cache_healed"] else "")
+    return (f"epoch {r['epoch']}/{epochs - 1}  loss {r['train_loss']:.4f} (L1 {r['train_l1']:.4f}, GIoU "
+            f"{r['train_giou_loss']:.4f})  val loss {r['val_loss']:.4f}  IoU {r['val_iou_input']:.3f} -> "
+            f"{r['val_iou_refined']:.3f}  worse {100 * r['val_worse_rate']:.0f}%  {r['epoch_seconds']:.1f}s train "
+            f"({r['samples_per_second']:.0f} samples/s, {r['data_seconds']:.1f}s waiting for features), "
+            f"{r['val_seconds']:.1f}s val, cache {cache}" + ("  *best*" if improved else ""))
+
+
 def train(cfg: Config, device: torch.device, resume: str | None = None, debug: bool = False) -> list[dict]:
     """Run (or continue) training; returns the metrics of the epochs run now."""
     resumed = load_checkpoint(resume) if resume else None  # a bad file fails before any slow work
@@ -228,22 +254,10 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
              sum(p.numel() for p in model.parameters()), cfg.refinement.max_iter, cfg.training.batch_size,
              len(sources.train))
 
-    ckpt_dir, save_dir = Path(cfg.output.checkpoint_dir), Path(cfg.output.save_dir)
-    metrics_path = save_dir / "metrics.jsonl"
+    ckpt_dir, metrics_path = Path(cfg.output.checkpoint_dir), Path(cfg.output.save_dir) / "metrics.jsonl"
     start_epoch, best_iou, best_epoch = 0, -1.0, -1
     if resumed is not None:
-        try:
-            model.load_state_dict(resumed["model_state_dict"])
-        except RuntimeError:
-            raise CheckpointError(f"--resume {resume}: its model does not match this config's model section "
-                                  f"(checkpoint: {resumed.get('model_args')})") from None
-        optimizer.load_state_dict(resumed["optimizer_state_dict"])
-        if resumed.get("scheduler_state_dict"):
-            scheduler.load_state_dict(resumed["scheduler_state_dict"])
-        if scaler is not None and resumed.get("scaler_state_dict"):
-            scaler.load_state_dict(resumed["scaler_state_dict"])
-        start_epoch = int(resumed["epoch"]) + 1
-        best_iou, best_epoch = float(resumed.get("best_val_iou", -1.0)), int(resumed.get("best_epoch", -1))
+        start_epoch, best_iou, best_epoch = restore(resumed, resume, model, optimizer, scheduler, scaler)
         log.info("resumed from %s: continuing at epoch %d of %d", resume, start_epoch, cfg.training.epochs)
     else:
         if (ckpt_dir / LAST).exists():
@@ -261,14 +275,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
         improved = record["val_iou_refined"] > best_iou
         if improved:
             best_iou, best_epoch = record["val_iou_refined"], epoch
-        cache = "off" if record["cache_hit_rate"] is None else f"{100 * record['cache_hit_rate']:.0f}%" + (
-            f" ({record['cache_healed']} healed)" if record["cache_healed"] else "")
-        log.info("epoch %d/%d  loss %.4f (L1 %.4f, GIoU %.4f)  val loss %.4f  IoU %.3f -> %.3f  worse %.0f%%  "
-                 "%.1fs train (%.0f samples/s, %.1fs waiting for features), %.1fs val, cache %s%s", epoch, cfg.training.epochs - 1,
-                 record["train_loss"], record["train_l1"], record["train_giou_loss"], record["val_loss"],
-                 record["val_iou_input"], record["val_iou_refined"], 100 * record["val_worse_rate"],
-                 record["epoch_seconds"], record["samples_per_second"], record["data_seconds"], record["val_seconds"], cache,
-                 "  *best*" if improved else "")
+        log.info(epoch_summary(record, cfg.training.epochs, improved))
         _append_jsonl(metrics_path, record)
         history.append(record)
         state = {"epoch": epoch, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
@@ -277,7 +284,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
                  "train_loss": record["train_loss"], "val_loss": record["val_loss"],
                  "val_iou_refined": record["val_iou_refined"], "best_val_iou": best_iou, "best_epoch": best_epoch,
                  "config": cfg.to_dict(), "model_args": model_arguments(cfg),
-                 "encoder": sources.identity.__dict__.copy(), "version": __version__}
+                 "encoder": dataclasses.asdict(sources.identity), "version": __version__}
         save_checkpoint(state, ckpt_dir / LAST)
         if improved:
             save_checkpoint(state, ckpt_dir / BEST)
