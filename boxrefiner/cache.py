@@ -20,9 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from .encoder import EMBED_DIM, PATCH, EncoderIdentity
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,6 @@ class CacheStats:
     def as_dict(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "healed": self.healed,
                 "bytes_read": self.bytes_read}
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -174,7 +162,7 @@ class FeatureCache:
         if stored.shape != self.shape:
             raise ValueError(f"feature shape {stored.shape} does not match the cache's {self.shape}")
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.path(key), lambda f: np.save(f, stored))
+        atomic_write(self.path(key), lambda f: np.save(f, stored))
         return stored
 
     def get_cache_stats(self) -> dict:
@@ -204,7 +192,7 @@ class FeatureCache:
             encoder.setdefault("entries", {}).update(entries)
             manifest["version"] = 1
             text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-            _atomic_write_bytes(self.dir / MANIFEST, lambda f: f.write(text))
+            atomic_write(self.dir / MANIFEST, lambda f: f.write(text))
 
     def census(self) -> tuple[int, int, int]:
         """Entry files on disk: (this encoder's, other encoders', not in the manifest)."""
@@ -246,5 +234,5 @@ def clear_cache(cache_dir: str | Path, tag: str | None = None) -> tuple[int, int
                     files += 1
             if (folder / MANIFEST).exists():
                 text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-                _atomic_write_bytes(folder / MANIFEST, lambda f: f.write(text))
+                atomic_write(folder / MANIFEST, lambda f: f.write(text))
     return files, size

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from .config import HQSAMConfig
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,8 @@ def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
             digest.update(chunk)
     memo[memo_key] = digest.hexdigest()
     if memo_file:
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=1))
-        os.replace(tmp, memo_file)
+        text = json.dumps(memo, indent=1).encode()
+        atomic_write(memo_file, lambda f: f.write(text))
     return memo[memo_key]
 
 

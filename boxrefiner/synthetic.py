@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from .fileio import atomic_write
 from .rle import encode_cvat_rle
 
 SUBSET = "FungiTastic-Mini"
@@ -87,18 +86,6 @@ def draw_mushroom(rng: np.random.Generator, width: int, height: int) -> tuple[Im
     return image, masks
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def generate(out: str | Path, train: int = 96, val: int = 32, seed: int = 0, sizes: tuple[int, ...] = (300,)) -> Path:
     """Write the dataset under `out`; the same arguments always give the same files."""
     out = Path(out)
@@ -115,16 +102,16 @@ def generate(out: str | Path, train: int = 96, val: int = 32, seed: int = 0, siz
             for size in sizes:
                 factor = size / max(width, height)
                 small = image.resize((int(round(width * factor)), int(round(height * factor))), Image.LANCZOS)
-                _atomic_write(out / SUBSET / split / f"{size}p" / name, lambda p, im=small: im.save(p, "JPEG", quality=90))
+                atomic_write(out / SUBSET / split / f"{size}p" / name, lambda f, im=small: im.save(f, "JPEG", quality=90))
             rows.append({"filename": name, "observationID": 1000 * (seed + 1) + i, "species": "Synthetica fungoides",
                          "category_id": int(i % 5)})
             for label, mask in masks.items():
                 mask_rows.append({"file_name": name, "label": label, "width": width, "height": height,
                                   "rle": encode_cvat_rle(mask)})
-        _atomic_write(out / "metadata" / SUBSET / f"{SUBSET}-{csv_suffix}.csv",
-                      lambda p, r=rows: pd.DataFrame(r).to_csv(p, index=False))
-        _atomic_write(out / "masks" / f"{SUBSET}-{masks_suffix}.parquet",
-                      lambda p, r=mask_rows: pd.DataFrame(r).to_parquet(p, index=False))
+        atomic_write(out / "metadata" / SUBSET / f"{SUBSET}-{csv_suffix}.csv",
+                     lambda f, r=rows: f.write(pd.DataFrame(r).to_csv(index=False).encode()))
+        atomic_write(out / "masks" / f"{SUBSET}-{masks_suffix}.parquet",
+                     lambda f, r=mask_rows: pd.DataFrame(r).to_parquet(f, index=False))
     return out
 
 

@@ -1,0 +1,28 @@
+"""Atomic file writes: a temp file in the same folder, then `os.replace`. Readers (and a crash
+mid-write) see either the old file or the complete new one, never a torn one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable: bool = False) -> None:
+    """Call `write(file)` on a temp file beside `path`, then rename it over `path`.
+
+    `durable` also fsyncs the data before the rename (checkpoints: hours of work)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
