@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -152,17 +154,44 @@ def run(argv: list[str] | None = None) -> int:
     ensure_synthetic_data(cfg)
     if args.clear_cache:
         clear_features(cfg, every_encoder=args.clear_cache == "all")
-    from .engine import train  # heavy imports after argument errors are reported
-    train(cfg, device, resume=resume, debug=args.debug)
+    from .engine import Interrupted, StopRequest, train  # heavy imports after argument errors are reported
+    with StopRequest() as stop:
+        try:
+            train(cfg, device, resume=resume, debug=args.debug, stop=stop)
+        except Interrupted as exc:
+            log.warning("stopped by %s; state saved in %s. Resume with:\n  %s", signal.Signals(exc.signum).name,
+                        exc.checkpoint, resume_command(argv if argv is not None else sys.argv[1:], exc.checkpoint))
+            return 128 + exc.signum
     return 0
 
 
+def resume_command(argv: list[str], checkpoint: Path) -> str:
+    """The same command line, without --resume/--clear-cache, plus --resume CHECKPOINT."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+            if not arg.startswith("--"):
+                continue
+        if arg in ("--resume", "--clear-cache"):
+            skip_value = True
+            continue
+        if arg.startswith(("--resume=", "--clear-cache=")):
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "train_box_refiner_optimized.py", *kept, "--resume", str(checkpoint)])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .engine import TrainingError
     try:
         return run(argv)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so nothing is torn
+        print("interrupted at once; the last saved checkpoint is intact", file=sys.stderr)
         return 130

@@ -62,6 +62,7 @@ class TrainingConfig:
     lr_step_epochs: int = _spec(10, lo=1)
     lr_gamma: float = _spec(0.1, lo=0, hi=1, lo_open=True)
     grad_clip: float = _spec(1.0, lo=0)
+    max_nonfinite_steps: int = _spec(10, lo=1)  # consecutive NaN/inf losses (each step skipped) before stopping
     use_amp: bool = False
     feature_cache: bool = True
     # Mirror feature map and boxes together at random: the only augmentation that works on cached

@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from .config import DataConfig
-from .rle import RLEError, decode_cvat_rle, mask_box
+from .rle import BoxOutsideImage, RLEError, decode_cvat_rle, mask_box
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,22 @@ def load_rgb(path: Path) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
 
 
+def readable(path: Path) -> bool:
+    """Whether the whole image decodes (a truncated JPEG has a valid header but fails here)."""
+    try:
+        load_rgb(path)
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def drop_unreadable(split: SplitData, bad: set[int]) -> None:
+    """Remove samples whose image failed to decode, recording them as skipped."""
+    for index in sorted(bad):
+        split.skip(split.samples[index].file_name, "unreadable_image")
+    split.samples[:] = [s for i, s in enumerate(split.samples) if i not in bad]
+
+
 def choose_subset(n: int, ratio: float | None, max_count: int | None, seed: int) -> list[int]:
     """Seeded random subset of indices (kept in file order), not a prefix."""
     count = n if ratio is None else max(1, int(round(n * ratio)))
@@ -182,7 +198,7 @@ def load_split(cfg: DataConfig, split: str, *, sample_ratio: float | None = None
             x0, y0, x1, y1, mask_w, mask_h = union_box(rows[name])
         except RLEError as exc:
             log.debug("%s: %s", name, exc)
-            result.skip(name, "bad_rle")
+            result.skip(name, "out_of_image" if isinstance(exc, BoxOutsideImage) else "bad_rle")
             continue
         try:
             width, height = oriented_size(path)

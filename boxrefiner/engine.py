@@ -11,8 +11,9 @@ import json
 import logging
 import math
 import random
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ import torch
 
 from . import __version__
 from .boxes import box_iou, hflip_boxes, hflip_extent, jitter_boxes
-from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (BEST, LAST, CheckpointError, config_changes, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import Config
 from .data import DataError, Sample, SplitData, expected_layout, load_split
 from .encoder import EMBED_DIM, autocast_context
+from .fileio import atomic_write
 from .features import FeatureBatches, FeatureSources
 from .losses import refinement_loss
 from .model import BoxRefinementModule
@@ -108,20 +111,86 @@ def model_arguments(cfg: Config) -> dict[str, Any]:
             "max_iter": cfg.refinement.max_iter, "roi_size": m.roi_size, "context_scale": m.context_scale}
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); one-line message."""
+
+
+class Interrupted(Exception):
+    """Raised after an interrupted run has saved its state; carries the signal and the checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second Ctrl-C stops at once
+    (every file is written atomically, so nothing is torn either way)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: stopping at the next step boundary and saving (Ctrl-C again stops at once)",
+                    signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch has got; saved in an interrupted checkpoint so the epoch continues exactly."""
+    epoch: int
+    step: int = 0
+    fetched: int = 0  # samples taken from the loader
+    seen: int = 0  # samples that contributed a finite loss
+    totals: dict = field(default_factory=lambda: {"loss": 0.0, "l1": 0.0, "giou": 0.0})
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+    cache_reads: int = 0
+    healed: int = 0
+    nonfinite_steps: int = 0
+    jitter_state: torch.Tensor | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, optimizer, scheduler,
-                    scaler: torch.amp.GradScaler | None, cfg: Config, precision: str, epoch: int) -> dict[str, float]:
+                    scaler: torch.amp.GradScaler | None, cfg: Config, precision: str, epoch: int,
+                    resume: EpochProgress | None = None, stop: StopRequest | None = None) -> tuple[dict | None, EpochProgress]:
+    """One pass over the training split. Returns (metrics, progress); metrics is None when a stop
+    request ended the epoch early, and progress then says where to continue."""
     model.train()
     device = next(model.parameters()).device
     noise = cfg.data.box_noise
+    state = resume or EpochProgress(epoch)
     generator = torch.Generator().manual_seed(cfg.training.seed * 100_003 + epoch)  # fresh jitter each epoch
-    totals = {"loss": 0.0, "l1": 0.0, "giou": 0.0}
-    seen = 0
+    if state.jitter_state is not None:
+        generator.set_state(state.jitter_state)
     reads_before, healed_before = loader.cache_reads, loader.healed
-    data_seconds = 0.0
+    consecutive_nonfinite = 0
     start = fetch = time.perf_counter()
-    bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False)
+    bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False, initial=state.step, total=len(loader))
     for indices, features in bar:
-        data_seconds += time.perf_counter() - fetch  # waiting for features: reading, or the encoder
+        state.data_seconds += time.perf_counter() - fetch  # waiting for features: reading, or the encoder
+        state.fetched += len(indices)
         gt, extent = targets.boxes[indices], targets.extent[indices]
         inputs = jitter_boxes(gt, extent, noise.center_std, noise.scale_std, noise.max_sigma, generator)
         if cfg.training.hflip:
@@ -133,35 +202,64 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
             iterations = model(features, inputs, extent)
         loss = refinement_loss(iterations, gt, cfg.loss.l1_weight, cfg.loss.iou_weight)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss.total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.total.backward()
-        if cfg.training.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        if torch.isfinite(loss.total):
+            consecutive_nonfinite = 0
+            optimizer_step(model, optimizer, scaler, loss.total, cfg.training.grad_clip)
+            n = len(indices)
+            state.seen += n
+            for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou)):
+                state.totals[name] += value.item() * n
+        else:  # skip the step: a NaN/inf loss would poison the weights
+            consecutive_nonfinite += 1
+            state.nonfinite_steps += 1
+            log.warning("epoch %d step %d: non-finite loss, step skipped (%d in a row)", epoch, state.step,
+                        consecutive_nonfinite)
+            if consecutive_nonfinite >= cfg.training.max_nonfinite_steps:
+                raise TrainingError(f"the loss was not finite for {consecutive_nonfinite} consecutive steps (epoch "
+                                    f"{epoch}, step {state.step}); lower training.learning_rate, keep "
+                                    "training.grad_clip > 0 or set training.use_amp: false. The last good "
+                                    "checkpoint was kept")
         scheduler.step()
-        n = len(indices)
-        seen += n
-        for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou)):
-            totals[name] += value.item() * n
-        cache = f"{100.0 * (loader.cache_reads - reads_before) / seen:.1f}%" if loader.from_cache else "off"
-        bar.set_postfix(refresh=False, Loss=f"{totals['loss'] / seen:.4f}", L1=f"{totals['l1'] / seen:.4f}",
-                        IoU=f"{totals['giou'] / seen:.4f}", Cache=cache)
+        state.step += 1
+        seen = max(1, state.seen)
+        reads = state.cache_reads + loader.cache_reads - reads_before
+        cache = f"{100.0 * reads / state.fetched:.1f}%" if loader.from_cache else "off"
+        bar.set_postfix(refresh=False, Loss=f"{state.totals['loss'] / seen:.4f}", L1=f"{state.totals['l1'] / seen:.4f}",
+                        IoU=f"{state.totals['giou'] / seen:.4f}", Cache=cache)
+        if stop is not None and stop.requested and state.step < len(loader):
+            break
         fetch = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
     bar.close()
-    return {"train_loss": totals["loss"] / seen, "train_l1": totals["l1"] / seen, "train_giou_loss": totals["giou"] / seen,
-            "epoch_seconds": seconds, "data_seconds": data_seconds, "samples_per_second": seen / seconds,
-            "cache_hit_rate": (loader.cache_reads - reads_before) / seen if loader.from_cache else None,
-            "cache_healed": loader.healed - healed_before}
+    state.seconds += time.perf_counter() - start
+    state.cache_reads += loader.cache_reads - reads_before
+    state.healed += loader.healed - healed_before
+    state.jitter_state = generator.get_state()
+    if state.step < len(loader):
+        return None, state
+    seen = max(1, state.seen)
+    return {"train_loss": state.totals["loss"] / seen, "train_l1": state.totals["l1"] / seen,
+            "train_giou_loss": state.totals["giou"] / seen, "epoch_seconds": state.seconds,
+            "data_seconds": state.data_seconds, "samples_per_second": state.seen / state.seconds,
+            "cache_hit_rate": state.cache_reads / max(1, state.fetched) if loader.from_cache else None,
+            "cache_healed": state.healed, "nonfinite_steps": state.nonfinite_steps}, state
+
+
+def optimizer_step(model: BoxRefinementModule, optimizer, scaler, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward, optional gradient clipping, step; under fp16 AMP the GradScaler skips inf/NaN gradients."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def validation_inputs(cfg: Config, targets: Targets) -> torch.Tensor:
@@ -208,19 +306,39 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
-def restore(state: dict, path: str, model, optimizer, scheduler, scaler) -> tuple[int, float, int]:
-    """Load a checkpoint's training state; returns (first epoch to run, best val IoU, its epoch)."""
-    try:
-        model.load_state_dict(state["model_state_dict"])
-    except RuntimeError:
-        raise CheckpointError(f"--resume {path}: its model does not match this config's model section "
-                              f"(checkpoint: {state.get('model_args')})") from None
+def check_resume(state: dict, path: str, cfg: Config, device: torch.device) -> None:
+    """Refuse config changes that make a different model or data; log the allowed ones."""
+    allowed, refused = config_changes(state["config"], cfg.to_dict())
+    if refused:
+        key, change = refused[0].split(": ", 1)
+        raise CheckpointError(f"--resume {path}: config key '{key}' changed ({change}); that changes the model or "
+                              "the data, so the run cannot continue: restore it, or start a new run without --resume")
+    partial = state.get("partial_epoch")
+    if partial and state["config"]["training"]["batch_size"] != cfg.training.batch_size:
+        raise CheckpointError(f"--resume {path}: the run was interrupted inside epoch {partial['epoch']}; keep "
+                              f"training.batch_size {state['config']['training']['batch_size']} to finish that epoch")
+    for change in allowed:
+        log.info("resume: %s (allowed)", change)
+    if state.get("device") and state["device"] != str(device):
+        log.info("resume: device %s -> %s (allowed)", state["device"], device)
+
+
+def restore(state: dict, model, optimizer, scheduler, scaler) -> tuple[int, float, int, list[dict], EpochProgress | None]:
+    """Load a checkpoint's training state; returns (first epoch to run, best val IoU, its epoch,
+    metrics history, progress inside an interrupted epoch)."""
+    model.load_state_dict(state["model_state_dict"])
     optimizer.load_state_dict(state["optimizer_state_dict"])
-    if state.get("scheduler_state_dict"):
-        scheduler.load_state_dict(state["scheduler_state_dict"])
+    scheduler.load_state_dict(state["scheduler_state_dict"])
     if scaler is not None and state.get("scaler_state_dict"):
         scaler.load_state_dict(state["scaler_state_dict"])
-    return int(state["epoch"]) + 1, float(state.get("best_val_iou", -1.0)), int(state.get("best_epoch", -1))
+    set_rng_state(state["rng"])
+    partial = EpochProgress(**state["partial_epoch"]) if state.get("partial_epoch") else None
+    return (int(state["epoch"]) + 1, float(state["best_val_iou"]), int(state["best_epoch"]), list(state["history"]),
+            partial)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def epoch_summary(r: dict, epochs: int, improved: bool) -> str:
@@ -233,16 +351,31 @@ def epoch_summary(r: dict, epochs: int, improved: bool) -> str:
             f"{r['val_seconds']:.1f}s val, cache {cache}" + ("  *best*" if improved else ""))
 
 
-def train(cfg: Config, device: torch.device, resume: str | None = None, debug: bool = False) -> list[dict]:
-    """Run (or continue) training; returns the metrics of the epochs run now."""
+def train(cfg: Config, device: torch.device, resume: str | None = None, debug: bool = False,
+          stop: StopRequest | None = None) -> list[dict]:
+    """Run (or continue) training; returns the metrics of the epochs run now.
+
+    Raises Interrupted after saving when `stop` was requested, TrainingError when it cannot go on."""
     resumed = load_checkpoint(resume) if resume else None  # a bad file fails before any slow work
+    if resumed is not None:
+        check_resume(resumed, resume, cfg, device)
+        if not resumed.get("partial_epoch") and int(resumed["epoch"]) + 1 >= cfg.training.epochs:
+            log.info("%s: this run already finished its %d epochs; pass --epochs N (N > %d) to train further",
+                     resume, int(resumed["epoch"]) + 1, int(resumed["epoch"]) + 1)
+            return []
     train_split, val_split = prepare_splits(cfg, debug)
     seed_everything(cfg.training.seed)
     model = build_model(cfg).to(device)  # before feature extraction, which must not shift its initialisation
     precision = amp_precision(device, cfg.training.use_amp)
     log.info("device %s; training precision %s%s", device, precision,
              " (training.use_amp: true)" if cfg.training.use_amp else " (training.use_amp: false)")
-    sources = FeatureSources(cfg, device, train_split, val_split, precision)
+    sources = FeatureSources(cfg, device, train_split, val_split, precision)  # may drop undecodable images
+    write_skipped(Path(cfg.output.save_dir) / "skipped.jsonl", train_split, val_split)
+    for split in (train_split, val_split):
+        if not split.samples:
+            raise DataError(f"split '{split.split}' has no decodable images left")
+    if resumed is not None and resumed["encoder"]["weights"] != sources.identity.weights:
+        raise CheckpointError(f"--resume {resume}: hqsam.checkpoint has other content than the run was trained with")
     train_targets, val_targets = Targets.of(train_split.samples), Targets.of(val_split.samples)
     val_inputs = validation_inputs(cfg, val_targets)
 
@@ -255,44 +388,74 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
              len(sources.train))
 
     ckpt_dir, metrics_path = Path(cfg.output.checkpoint_dir), Path(cfg.output.save_dir) / "metrics.jsonl"
-    start_epoch, best_iou, best_epoch = 0, -1.0, -1
+    start_epoch, best_iou, best_epoch, history, partial = 0, -1.0, -1, [], None
     if resumed is not None:
-        start_epoch, best_iou, best_epoch = restore(resumed, resume, model, optimizer, scheduler, scaler)
-        log.info("resumed from %s: continuing at epoch %d of %d", resume, start_epoch, cfg.training.epochs)
-    else:
-        if (ckpt_dir / LAST).exists():
-            log.warning("%s exists from an earlier run and will be replaced (use --resume to continue it)", ckpt_dir / LAST)
-        metrics_path.unlink(missing_ok=True)
+        start_epoch, best_iou, best_epoch, history, partial = restore(resumed, model, optimizer, scheduler, scaler)
+        where = f"epoch {partial.epoch}, step {partial.step}" if partial else f"epoch {start_epoch}"
+        log.info("resumed from %s: continuing at %s of %d epochs", resume, where, cfg.training.epochs)
+    elif (ckpt_dir / LAST).exists():
+        log.warning("%s exists from an earlier run and will be replaced (use --resume to continue it)", ckpt_dir / LAST)
+    # metrics.jsonl always equals the checkpoint's history, then grows by one line per epoch
+    text = "".join(json.dumps(r) + "\n" for r in history).encode()
+    atomic_write(metrics_path, lambda f: f.write(text))
 
-    history = []
+    def snapshot(last_done: int, progress_state: EpochProgress | None = None) -> dict:
+        last = history[-1] if history else {}
+        return {"epoch": last_done, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler_state_dict": scheduler.state_dict(),
+                "scaler_state_dict": scaler.state_dict() if scaler is not None else None,
+                "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
+                "val_iou_refined": last.get("val_iou_refined"), "best_val_iou": best_iou, "best_epoch": best_epoch,
+                "global_step": scheduler.last_epoch, "history": history, "config": cfg.to_dict(),
+                "model_args": model_arguments(cfg), "encoder": dataclasses.asdict(sources.identity),
+                "rng": rng_state(), "device": str(device), "version": __version__,
+                "interrupted": progress_state is not None,
+                "partial_epoch": progress_state.as_dict() if progress_state is not None else None}
+
+    def save(state: dict, *names: str) -> None:
+        if not all_finite(model):  # never replace a good checkpoint with NaN weights
+            raise TrainingError("the model's weights are no longer finite; the last good checkpoint was kept")
+        for name in names:
+            save_checkpoint(state, ckpt_dir / name)
+
+    run_now = []
     for epoch in range(start_epoch, cfg.training.epochs):
-        sources.train_sampler.set_epoch(epoch)
-        record = {"epoch": epoch}
-        record.update(train_one_epoch(model, sources.train, train_targets, optimizer, scheduler, scaler, cfg,
-                                      precision, epoch))
-        record.update(evaluate(model, sources.val, val_targets, val_inputs, cfg, precision))
+        continuing = partial if partial is not None and partial.epoch == epoch else None
+        sources.train_sampler.set_epoch(epoch, skip=continuing.step * cfg.training.batch_size if continuing else 0)
+        metrics, progress_state = train_one_epoch(model, sources.train, train_targets, optimizer, scheduler, scaler,
+                                                  cfg, precision, epoch, resume=continuing, stop=stop)
+        partial = None
+        if metrics is None:  # stopped inside the epoch
+            save(snapshot(epoch - 1, progress_state), LAST)
+            raise Interrupted(stop.signum, ckpt_dir / LAST)
+        record = {"epoch": epoch, **metrics, **evaluate(model, sources.val, val_targets, val_inputs, cfg, precision)}
         record["lr"] = optimizer.param_groups[0]["lr"]
         improved = record["val_iou_refined"] > best_iou
         if improved:
             best_iou, best_epoch = record["val_iou_refined"], epoch
         log.info(epoch_summary(record, cfg.training.epochs, improved))
-        _append_jsonl(metrics_path, record)
         history.append(record)
-        state = {"epoch": epoch, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                 "scheduler_state_dict": scheduler.state_dict(),
-                 "scaler_state_dict": scaler.state_dict() if scaler is not None else None,
-                 "train_loss": record["train_loss"], "val_loss": record["val_loss"],
-                 "val_iou_refined": record["val_iou_refined"], "best_val_iou": best_iou, "best_epoch": best_epoch,
-                 "config": cfg.to_dict(), "model_args": model_arguments(cfg),
-                 "encoder": dataclasses.asdict(sources.identity), "version": __version__}
-        save_checkpoint(state, ckpt_dir / LAST)
-        if improved:
-            save_checkpoint(state, ckpt_dir / BEST)
+        run_now.append(record)
+        state = snapshot(epoch)
+        save(state, LAST, BEST) if improved else save(state, LAST)
+        _append_jsonl(metrics_path, record)
+        if stop is not None and stop.requested and epoch + 1 < cfg.training.epochs:
+            raise Interrupted(stop.signum, ckpt_dir / LAST)
     if cfg.cache_enabled:
         stats = sources.get_cache_stats()
         log.info("feature cache: %d hits, %d misses (extracted), hit rate %.1f%%, %d healed, %.1f MiB read from disk",
                  stats["hits"], stats["misses"], 100 * stats["hit_rate"], stats["healed"], stats["bytes_read"] / 2**20)
-    if history:
+    if run_now:
         log.info("done: best val IoU %.3f at epoch %d; checkpoints in %s, metrics in %s", best_iou, best_epoch,
                  ckpt_dir, metrics_path)
-    return history
+    return run_now
+
+
+def write_skipped(path: Path, *splits: SplitData) -> None:
+    """<save_dir>/skipped.jsonl: one line per skipped image (file name, split, reason)."""
+    lines = [json.dumps({"file_name": name, "split": split.split, "reason": reason})
+             for split in splits for name, reason in split.skipped_files]
+    text = "".join(line + "\n" for line in lines).encode()
+    atomic_write(path, lambda f: f.write(text))
+    if lines:
+        log.info("%d skipped images listed in %s", len(lines), path)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .cache import FeatureCache, file_digest
 from .config import Config
-from .data import Sample, SplitData, load_rgb
+from .data import Sample, SplitData, drop_unreadable, load_rgb, readable
 from .encoder import EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, preprocess
 from .progress import progress
 
@@ -38,7 +38,18 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, preprocess(load_rgb(self.samples[index].image_path), self.input_size)
+        try:
+            return index, preprocess(load_rgb(self.samples[index].image_path), self.input_size)
+        except (OSError, ValueError, SyntaxError):  # truncated or corrupt: an empty tensor, dropped by the caller
+            log.warning("cannot decode %s; skipping it", self.samples[index].image_path)
+            return index, torch.empty(0)
+
+
+def _collate_images(batch: list[tuple[int, torch.Tensor]]):
+    good = [(i, t) for i, t in batch if t.numel()]
+    bad = [i for i, t in batch if not t.numel()]
+    images = torch.stack([t for _, t in good]) if good else torch.empty(0)
+    return torch.tensor([i for i, _ in good], dtype=torch.long), images, bad
 
 
 class CachedFeatureDataset(Dataset):
@@ -70,16 +81,19 @@ class EpochShuffle(Sampler):
         self.size = size
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Also skip the first `skip` samples of this epoch's order (continuing an interrupted epoch)."""
         self.epoch = epoch
+        self.skip = skip
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(torch.randperm(self.size, generator=generator)[self.skip:].tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return self.size - self.skip
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
@@ -92,15 +106,22 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
 
 
 def extract(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str], indices: Sequence[int],
-            encoder: ImageEncoder, batch_size: int, num_workers: int, bar_desc: str | None = None) -> dict[int, np.ndarray]:
-    """Encode the given samples and store them; returns the stored arrays when few (healing), else {}."""
+            encoder: ImageEncoder, batch_size: int, num_workers: int, bar_desc: str | None = None,
+            unreadable: set[int] | None = None) -> dict[int, np.ndarray]:
+    """Encode the given samples and store them; returns the stored arrays when few (healing), else {}.
+    Samples whose image does not decode are added to `unreadable`."""
     subset = [samples[i] for i in indices]
     keep = len(indices) <= batch_size * 4
     loader = make_loader(ImageDataset(subset, cache.identity.input_size), batch_size, num_workers, encoder.device,
-                         persistent=False)
+                         collate_fn=_collate_images, persistent=False)
     stored, pending = {}, {}
     with progress(total=len(subset), desc=bar_desc, unit="img", disable=bar_desc is None) as bar:
-        for positions, images in loader:
+        for positions, images, bad in loader:
+            if unreadable is not None:
+                unreadable.update(indices[p] for p in bad)
+            bar.update(len(bad))
+            if not len(positions):
+                continue
             features = encoder.encode(images).cpu().numpy()
             for position, feature in zip(positions.tolist(), features):
                 index = indices[position]
@@ -122,8 +143,10 @@ def _entry_record(sample: Sample) -> dict:
 
 
 def warm_up(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
-            get_encoder: Callable[[], ImageEncoder], batch_size: int, num_workers: int) -> tuple[int, int]:
-    """Extract every entry that is missing or bad; returns (hits, extracted)."""
+            get_encoder: Callable[[], ImageEncoder], batch_size: int, num_workers: int,
+            unreadable: set[int] | None = None) -> tuple[int, int]:
+    """Extract every entry that is missing or bad; returns (hits, extracted). Samples whose image
+    does not decode are added to `unreadable`."""
     missing = [i for i, key in enumerate(keys) if not cache.is_valid(key)]
     hits = len(keys) - len(missing)
     log.info("feature cache %s: %d of %d entries present (%.0f%%), %d to extract%s", cache.dir, hits, len(keys),
@@ -132,8 +155,9 @@ def warm_up(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
     cache.ensure_room(len(missing))
     if missing:
         extract(cache, samples, keys, missing, get_encoder(), batch_size, num_workers,
-                bar_desc=f"Extracting {cache.dir.name}")
-    cache.record({keys[i]: _entry_record(samples[i]) for i in range(len(keys)) if i not in set(missing)})
+                bar_desc=f"Extracting {cache.dir.name}", unreadable=unreadable)
+    missing_set = set(missing)
+    cache.record({keys[i]: _entry_record(samples[i]) for i in range(len(keys)) if i not in missing_set})
     return hits, len(missing)
 
 
@@ -213,13 +237,16 @@ class EncodedFeatures(FeatureBatches):
                  num_workers: int, sampler: Sampler | None = None):
         super().__init__(batch_size, len(samples), sampler)
         self.loader = make_loader(ImageDataset(samples, encoder.identity.input_size), batch_size, num_workers,
-                                  encoder.device, sampler)
+                                  encoder.device, sampler, collate_fn=_collate_images)
         self.encoder = encoder
         self.precision = precision
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for indices, images in self.loader:
-            yield indices, self.encoder.encode(images, self.precision)
+        for indices, images, bad in self.loader:
+            if bad:  # images were checked before training; one that broke since cannot stop a long run
+                log.warning("skipping %d image(s) that no longer decode", len(bad))
+            if len(indices):
+                yield indices, self.encoder.encode(images, self.precision)
 
 
 class FeatureSources:
@@ -231,20 +258,22 @@ class FeatureSources:
         cache_cfg = cfg.optimization.feature_cache
         self.identity: EncoderIdentity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
         self._encoder: ImageEncoder | None = None
-        self.train_sampler = EpochShuffle(len(train.samples), cfg.training.seed)
         self.caches: dict[str, FeatureCache] = {}
         self.extracted = 0  # entries the warm-up had to extract
         batch_sizes = (cfg.training.batch_size, cfg.evaluation.batch_size or cfg.training.batch_size)
-        samplers = (self.train_sampler, None)
         if cfg.cache_enabled:
             self._budget = self._memory_budget()
-            self.train, self.val = (self._cached(split, b, s) for split, b, s in zip((train, val), batch_sizes, samplers))
+            self.train, self.val = (self._cached(split, b, shuffle) for split, b, shuffle in
+                                    zip((train, val), batch_sizes, (True, False)))
             log.info("feature cache on: epochs read cached features only%s",
                      "" if self._encoder else "; the HQ-SAM encoder was never built (every feature was cached)")
         else:
+            for split in (train, val):  # decode every image once, so that a corrupt one cannot stop an epoch
+                drop_unreadable(split, {i for i, s in enumerate(split.samples) if not readable(s.image_path)})
             precision = amp if amp != "fp32" else None
+            self.train_sampler = EpochShuffle(len(train.samples), cfg.training.seed)
             self.train, self.val = (EncodedFeatures(split.samples, self.encoder, precision, b, cfg.data.num_workers, s)
-                                    for split, b, s in zip((train, val), batch_sizes, samplers))
+                                    for split, b, s in zip((train, val), batch_sizes, (self.train_sampler, None)))
             log.info("feature cache off: the encoder runs on every batch of every epoch (baseline mode)%s",
                      f", under {amp} autocast" if precision else "")
 
@@ -277,7 +306,7 @@ class FeatureSources:
         budget = setting.memory_budget_gb * 2**30 if setting.memory_budget_gb else available_memory() // 2
         return "cpu", int(budget)
 
-    def _cached(self, split: SplitData, batch_size: int, sampler: Sampler | None) -> FeatureBatches:
+    def _cached(self, split: SplitData, batch_size: int, shuffle: bool) -> FeatureBatches:
         cache_cfg = self.cfg.optimization.feature_cache
         cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
         self.caches[split.split] = cache
@@ -286,9 +315,16 @@ class FeatureSources:
             mine, other, unknown = cache.census()
             log.info("auto-detect %s: %d entries for %s, %d for other encoders%s", cache.dir, mine,
                      self.identity.short(), other, f", {unknown} not in its manifest" if unknown else "")
+        unreadable: set[int] = set()
         _, extracted = warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size,
-                               self.cfg.data.num_workers)
-        self.extracted += extracted
+                               self.cfg.data.num_workers, unreadable)
+        self.extracted += extracted - len(unreadable)
+        if unreadable:
+            drop_unreadable(split, unreadable)
+            keys = [k for i, k in enumerate(keys) if i not in unreadable]
+        sampler = None
+        if shuffle:
+            sampler = self.train_sampler = EpochShuffle(len(split.samples), self.cfg.training.seed)
 
         def heal(indices: list[int]) -> dict[int, np.ndarray]:
             return extract(cache, split.samples, keys, indices, self.encoder, self.cfg.hqsam.batch_size, 0)

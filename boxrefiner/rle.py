@@ -17,6 +17,10 @@ class RLEError(ValueError):
     """A mask value that does not decode; the message says why."""
 
 
+class BoxOutsideImage(RLEError):
+    """The part's box lies (partly) outside the image the mask was drawn on."""
+
+
 def parse_rle(value: Any) -> np.ndarray:
     """Accept a list/array of ints or the same numbers stored as a string ("[1, 2, ...]" or "1,2,...")."""
     if isinstance(value, (bytes, str)):
@@ -45,7 +49,7 @@ def decode_cvat_rle(value: Any, width: int | None = None, height: int | None = N
     if box_w <= 0 or box_h <= 0:
         raise RLEError(f"RLE box [{left}, {top}, {right}, {bottom}] is empty")
     if width is not None and height is not None and (right >= width or bottom >= height):
-        raise RLEError(f"RLE box [{left}, {top}, {right}, {bottom}] lies outside the {width}x{height} image")
+        raise BoxOutsideImage(f"RLE box [{left}, {top}, {right}, {bottom}] lies outside the {width}x{height} image")
     if runs.sum() != box_w * box_h:
         raise RLEError(f"RLE runs cover {int(runs.sum())} pixels but the box has {box_w}x{box_h}={box_w * box_h}")
     values = np.zeros(runs.size, dtype=bool)
