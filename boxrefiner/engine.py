@@ -399,7 +399,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
     text = "".join(json.dumps(r) + "\n" for r in history).encode()
     atomic_write(metrics_path, lambda f: f.write(text))
 
-    def snapshot(last_done: int, progress_state: EpochProgress | None = None) -> dict:
+    def snapshot(last_done: int, progress_state: EpochProgress | None = None, interrupted: bool = False) -> dict:
         last = history[-1] if history else {}
         return {"epoch": last_done, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
                 "scheduler_state_dict": scheduler.state_dict(),
@@ -409,7 +409,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
                 "global_step": scheduler.last_epoch, "history": history, "config": cfg.to_dict(),
                 "model_args": model_arguments(cfg), "encoder": dataclasses.asdict(sources.identity),
                 "rng": rng_state(), "device": str(device), "version": __version__,
-                "interrupted": progress_state is not None,
+                "interrupted": interrupted or progress_state is not None,
                 "partial_epoch": progress_state.as_dict() if progress_state is not None else None}
 
     def save(state: dict, *names: str) -> None:
@@ -436,10 +436,11 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
         log.info(epoch_summary(record, cfg.training.epochs, improved))
         history.append(record)
         run_now.append(record)
-        state = snapshot(epoch)
+        stopping = stop is not None and stop.requested and epoch + 1 < cfg.training.epochs
+        state = snapshot(epoch, interrupted=stopping)
         save(state, LAST, BEST) if improved else save(state, LAST)
         _append_jsonl(metrics_path, record)
-        if stop is not None and stop.requested and epoch + 1 < cfg.training.epochs:
+        if stopping:
             raise Interrupted(stop.signum, ckpt_dir / LAST)
     if cfg.cache_enabled:
         stats = sources.get_cache_stats()
