@@ -62,7 +62,7 @@ def head_only_seconds(cfg: Config, device: torch.device, epochs: int) -> list[fl
     for epoch in range(epochs):
         sources.train_sampler.set_epoch(epoch)
         batches = PreparedBatches([(i, f.float().clone()) for i, f in sources.train], cfg.training.batch_size)
-        record = train_one_epoch(model, batches, targets, optimizer, scheduler, scaler, cfg, precision, epoch)
+        record, _ = train_one_epoch(model, batches, targets, optimizer, scheduler, scaler, cfg, precision, epoch)
         seconds.append(record["epoch_seconds"])
     return seconds
 

@@ -351,8 +351,13 @@ def epoch_summary(r: dict, epochs: int, improved: bool) -> str:
             f"{r['val_seconds']:.1f}s val, cache {cache}" + ("  *best*" if improved else ""))
 
 
+class RunHistory(list):
+    """The metrics of the epochs run now, plus the run's feature-cache statistics (None with the cache off)."""
+    cache_stats: dict | None = None
+
+
 def train(cfg: Config, device: torch.device, resume: str | None = None, debug: bool = False,
-          stop: StopRequest | None = None) -> list[dict]:
+          stop: StopRequest | None = None) -> RunHistory:
     """Run (or continue) training; returns the metrics of the epochs run now.
 
     Raises Interrupted after saving when `stop` was requested, TrainingError when it cannot go on."""
@@ -362,7 +367,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
         if not resumed.get("partial_epoch") and int(resumed["epoch"]) + 1 >= cfg.training.epochs:
             log.info("%s: this run already finished its %d epochs; pass --epochs N (N > %d) to train further",
                      resume, int(resumed["epoch"]) + 1, int(resumed["epoch"]) + 1)
-            return []
+            return RunHistory()
     train_split, val_split = prepare_splits(cfg, debug)
     seed_everything(cfg.training.seed)
     model = build_model(cfg).to(device)  # before feature extraction, which must not shift its initialisation
@@ -418,7 +423,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
         for name in names:
             save_checkpoint(state, ckpt_dir / name)
 
-    run_now = []
+    run_now = RunHistory()
     for epoch in range(start_epoch, cfg.training.epochs):
         continuing = partial if partial is not None and partial.epoch == epoch else None
         sources.train_sampler.set_epoch(epoch, skip=continuing.step * cfg.training.batch_size if continuing else 0)
@@ -443,7 +448,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
         if stopping:
             raise Interrupted(stop.signum, ckpt_dir / LAST)
     if cfg.cache_enabled:
-        stats = sources.get_cache_stats()
+        stats = run_now.cache_stats = sources.get_cache_stats()
         log.info("feature cache: %d hits, %d misses (extracted), hit rate %.1f%%, %d healed, %.1f MiB read from disk",
                  stats["hits"], stats["misses"], 100 * stats["hit_rate"], stats["healed"], stats["bytes_read"] / 2**20)
     if run_now:
