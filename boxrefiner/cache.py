@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -51,19 +52,9 @@ def file_digest(path: str | Path) -> str:
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
+    """What this process read: bad entries deleted (healed) and bytes of good entries."""
     healed: int = 0
     bytes_read: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-    def as_dict(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "healed": self.healed,
-                "bytes_read": self.bytes_read}
 
 
 @contextlib.contextmanager
@@ -150,10 +141,8 @@ class FeatureCache:
             arr = None
         if arr is not None and not self._check(key, arr, count):
             arr = None
-        if count:
-            self.stats.hits += arr is not None
-            self.stats.misses += arr is None
-            self.stats.bytes_read += 0 if arr is None else arr.nbytes
+        if count and arr is not None:
+            self.stats.bytes_read += arr.nbytes
         return arr
 
     def save(self, key: str, features: np.ndarray) -> np.ndarray:
@@ -164,9 +153,6 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path(key), lambda f: np.save(f, stored))
         return stored
-
-    def get_cache_stats(self) -> dict:
-        return self.stats.as_dict()
 
     def ensure_room(self, missing: int) -> None:
         """Stop before extraction when the disk cannot hold the entries still to be written."""
@@ -221,8 +207,9 @@ def clear_cache(cache_dir: str | Path, tag: str | None = None) -> tuple[int, int
     for folder in (p for p in root.iterdir() if p.is_dir()):
         with _locked(folder):
             manifest = read_manifest(folder)
-            if tag is None:
-                doomed = list(folder.glob("*.npy")) + list(folder.glob(".*.tmp"))
+            if tag is None:  # temp files younger than an hour may be another process's write in flight
+                stale = [p for p in folder.glob(".*.tmp") if time.time() - p.stat().st_mtime > 3600]
+                doomed = list(folder.glob("*.npy")) + stale
                 manifest = {"encoders": {}}
             else:
                 entries = manifest["encoders"].pop(tag, {}).get("entries", {})

@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # read-only folder, full disk, ...: what and where, without a traceback
+        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so nothing is torn
         print("interrupted at once; the last saved checkpoint is intact", file=sys.stderr)
         return 130

@@ -27,10 +27,7 @@ class ConfigError(ValueError):
 def _spec(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
           hi_open: bool = False) -> Any:
     """A dataclass field with an allowed numeric range (checked by the loader)."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
 
 
 @dataclass(frozen=True)
@@ -133,8 +130,8 @@ class FeatureCacheConfig:
     cache_dir: str = "./features"
     auto_detect: bool = True
     storage_dtype: Literal["float16", "float32"] = "float16"
-    # auto: hold a split in memory when it fits memory_budget_gb (default: half the available RAM;
-    # on CUDA, half the free GPU memory); true: always; false: stream from disk with workers.
+    # auto: hold a split in the training device's memory when it fits memory_budget_gb (default: half
+    # the available RAM; on CUDA, half the free GPU memory); true: always; false: stream from disk.
     in_memory: Union[bool, Literal["auto"]] = "auto"
     memory_budget_gb: Optional[float] = _spec(None, lo=0, lo_open=True)
 
@@ -266,7 +263,8 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
 
 def _build(cls: type, raw: Any, prefix: str, ignored: list[str] | None = None) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"config key '{prefix}': expected a mapping of keys, got {raw!r}")
+        where = f"config key '{prefix}'" if prefix else "the top level of the config file"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
@@ -314,6 +312,8 @@ def load_config(path: str | Path) -> tuple[Config, list[str]]:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

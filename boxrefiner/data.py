@@ -115,7 +115,11 @@ def read_masks(parquet: Path, file_names: set[str]) -> dict[str, list[tuple]]:
     frame = frame[frame["file_name"].isin(file_names)]
     rows: dict[str, list[tuple]] = {}
     for name, rle, width, height in zip(frame["file_name"], frame["rle"], frame["width"], frame["height"]):
-        rows.setdefault(name, []).append((rle, int(width), int(height)))
+        try:
+            size = int(width), int(height)
+        except (TypeError, ValueError):  # NaN or text: the row cannot be placed; the image is skipped as bad_rle
+            size = (0, 0)
+        rows.setdefault(name, []).append((rle, *size))
     return rows
 
 
@@ -123,6 +127,8 @@ def union_box(rows: list[tuple]) -> tuple[float, float, float, float, int, int]:
     """Tight box (pixel edges) of all parts of one image, and the annotated image size."""
     boxes = []
     for rle, width, height in rows:
+        if width <= 0 or height <= 0:
+            raise RLEError(f"mask row without a valid image size ({width}x{height})")
         mask, (left, top, _, _) = decode_cvat_rle(rle, width, height)
         box = mask_box(mask, (left, top))
         if box is not None:

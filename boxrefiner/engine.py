@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from .checkpoint import (BEST, LAST, CheckpointError, config_changes, load_check
                          set_rng_state)
 from .config import Config
 from .data import DataError, Sample, SplitData, expected_layout, load_split
-from .encoder import EMBED_DIM, autocast_context
+from .encoder import EMBED_DIM, autocast_context, encoder_identity
 from .fileio import atomic_write
 from .features import FeatureBatches, FeatureSources
 from .losses import refinement_loss
@@ -133,9 +134,12 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def arm(self) -> None:
+        """Catch the signals from now on (until the with-block ends)."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous.setdefault(signum, signal.signal(signum, self._handle))
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
@@ -186,6 +190,7 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
         generator.set_state(state.jitter_state)
     reads_before, healed_before = loader.cache_reads, loader.healed
     consecutive_nonfinite = 0
+    stopped = False
     start = fetch = time.perf_counter()
     bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False, initial=state.step, total=len(loader))
     for indices, features in bar:
@@ -226,7 +231,8 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
         cache = f"{100.0 * reads / state.fetched:.1f}%" if loader.from_cache else "off"
         bar.set_postfix(refresh=False, Loss=f"{state.totals['loss'] / seen:.4f}", L1=f"{state.totals['l1'] / seen:.4f}",
                         IoU=f"{state.totals['giou'] / seen:.4f}", Cache=cache)
-        if stop is not None and stop.requested and state.step < len(loader):
+        stopped = stop is not None and stop.requested and state.step < len(loader)
+        if stopped:
             break
         fetch = time.perf_counter()
     if device.type == "cuda":
@@ -236,7 +242,7 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
     state.cache_reads += loader.cache_reads - reads_before
     state.healed += loader.healed - healed_before
     state.jitter_state = generator.get_state()
-    if state.step < len(loader):
+    if stopped:
         return None, state
     seen = max(1, state.seen)
     return {"train_loss": state.totals["loss"] / seen, "train_l1": state.totals["l1"] / seen,
@@ -306,8 +312,16 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
+RESUME_KEYS = {"scheduler_state_dict": dict, "rng": dict, "history": list, "best_val_iou": float, "best_epoch": int,
+               "encoder": dict, "config": dict, "samples": dict}
+
+
 def check_resume(state: dict, path: str, cfg: Config, device: torch.device) -> None:
-    """Refuse config changes that make a different model or data; log the allowed ones."""
+    """Refuse a checkpoint this tool cannot continue, and config changes that make a different model
+    or data (before any slow work); log the allowed changes."""
+    for key, kind in RESUME_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise CheckpointError(f"--resume {path}: not a resumable checkpoint of this tool (no valid '{key}')")
     allowed, refused = config_changes(state["config"], cfg.to_dict())
     if refused:
         key, change = refused[0].split(": ", 1)
@@ -317,6 +331,9 @@ def check_resume(state: dict, path: str, cfg: Config, device: torch.device) -> N
     if partial and state["config"]["training"]["batch_size"] != cfg.training.batch_size:
         raise CheckpointError(f"--resume {path}: the run was interrupted inside epoch {partial['epoch']}; keep "
                               f"training.batch_size {state['config']['training']['batch_size']} to finish that epoch")
+    identity = encoder_identity(cfg.hqsam, memo_dir=cfg.optimization.feature_cache.cache_dir)
+    if state["encoder"].get("weights") != identity.weights:
+        raise CheckpointError(f"--resume {path}: hqsam.checkpoint has other content than the run was trained with")
     for change in allowed:
         log.info("resume: %s (allowed)", change)
     if state.get("device") and state["device"] != str(device):
@@ -335,6 +352,18 @@ def restore(state: dict, model, optimizer, scheduler, scaler) -> tuple[int, floa
     partial = EpochProgress(**state["partial_epoch"]) if state.get("partial_epoch") else None
     return (int(state["epoch"]) + 1, float(state["best_val_iou"]), int(state["best_epoch"]), list(state["history"]),
             partial)
+
+
+def realign_schedule(cfg: Config, optimizer, scheduler, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> None:
+    """After a resume: the config's learning rate and weight decay, and the schedule's position counted
+    in this run's steps per epoch (a changed batch size changes it), rule from here on."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.training.learning_rate
+        group["weight_decay"] = cfg.training.weight_decay
+    scheduler.base_lrs = [cfg.training.learning_rate] * len(optimizer.param_groups)
+    scheduler.last_epoch = epoch * steps_per_epoch + step_in_epoch
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.training.learning_rate * factor(scheduler.last_epoch)
 
 
 def all_finite(model: torch.nn.Module) -> bool:
@@ -379,8 +408,10 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
     for split in (train_split, val_split):
         if not split.samples:
             raise DataError(f"split '{split.split}' has no decodable images left")
-    if resumed is not None and resumed["encoder"]["weights"] != sources.identity.weights:
-        raise CheckpointError(f"--resume {resume}: hqsam.checkpoint has other content than the run was trained with")
+    samples = {split.split: sample_digest(split) for split in (train_split, val_split)}
+    if resumed is not None and resumed["samples"] != samples:
+        raise CheckpointError(f"--resume {resume}: the images of the splits differ from the run's (--debug, data "
+                              "files or skipped images changed), so it cannot continue exactly; start a new run")
     train_targets, val_targets = Targets.of(train_split.samples), Targets.of(val_split.samples)
     val_inputs = validation_inputs(cfg, val_targets)
 
@@ -396,6 +427,8 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
     start_epoch, best_iou, best_epoch, history, partial = 0, -1.0, -1, [], None
     if resumed is not None:
         start_epoch, best_iou, best_epoch, history, partial = restore(resumed, model, optimizer, scheduler, scaler)
+        realign_schedule(cfg, optimizer, scheduler, partial.epoch if partial else start_epoch,
+                         partial.step if partial else 0, len(sources.train))
         where = f"epoch {partial.epoch}, step {partial.step}" if partial else f"epoch {start_epoch}"
         log.info("resumed from %s: continuing at %s of %d epochs", resume, where, cfg.training.epochs)
     elif (ckpt_dir / LAST).exists():
@@ -413,7 +446,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
                 "val_iou_refined": last.get("val_iou_refined"), "best_val_iou": best_iou, "best_epoch": best_epoch,
                 "global_step": scheduler.last_epoch, "history": history, "config": cfg.to_dict(),
                 "model_args": model_arguments(cfg), "encoder": dataclasses.asdict(sources.identity),
-                "rng": rng_state(), "device": str(device), "version": __version__,
+                "rng": rng_state(), "device": str(device), "samples": samples, "version": __version__,
                 "interrupted": interrupted or progress_state is not None,
                 "partial_epoch": progress_state.as_dict() if progress_state is not None else None}
 
@@ -424,6 +457,8 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
             save_checkpoint(state, ckpt_dir / name)
 
     run_now = RunHistory()
+    if stop is not None:
+        stop.arm()  # from here on a signal stops at a step boundary; before, it simply ends the process
     for epoch in range(start_epoch, cfg.training.epochs):
         continuing = partial if partial is not None and partial.epoch == epoch else None
         sources.train_sampler.set_epoch(epoch, skip=continuing.step * cfg.training.batch_size if continuing else 0)
@@ -455,6 +490,11 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
         log.info("done: best val IoU %.3f at epoch %d; checkpoints in %s, metrics in %s", best_iou, best_epoch,
                  ckpt_dir, metrics_path)
     return run_now
+
+
+def sample_digest(split: SplitData) -> str:
+    """Names the exact list of images a split trains or validates on."""
+    return hashlib.sha256("\n".join(s.file_name for s in split.samples).encode()).hexdigest()[:16]
 
 
 def write_skipped(path: Path, *splits: SplitData) -> None:

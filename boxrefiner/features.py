@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .cache import FeatureCache, file_digest
 from .config import Config
-from .data import Sample, SplitData, drop_unreadable, load_rgb, readable
+from .data import DataError, Sample, SplitData, drop_unreadable, load_rgb, readable
 from .encoder import EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, preprocess
 from .progress import progress
 
@@ -107,11 +107,10 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
 
 def extract(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str], indices: Sequence[int],
             encoder: ImageEncoder, batch_size: int, num_workers: int, bar_desc: str | None = None,
-            unreadable: set[int] | None = None) -> dict[int, np.ndarray]:
-    """Encode the given samples and store them; returns the stored arrays when few (healing), else {}.
+            unreadable: set[int] | None = None, keep: bool = False) -> dict[int, np.ndarray]:
+    """Encode the given samples and store them; with `keep`, returns the stored arrays (healing).
     Samples whose image does not decode are added to `unreadable`."""
     subset = [samples[i] for i in indices]
-    keep = len(indices) <= batch_size * 4
     loader = make_loader(ImageDataset(subset, cache.identity.input_size), batch_size, num_workers, encoder.device,
                          collate_fn=_collate_images, persistent=False)
     stored, pending = {}, {}
@@ -259,7 +258,8 @@ class FeatureSources:
         self.identity: EncoderIdentity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
         self._encoder: ImageEncoder | None = None
         self.caches: dict[str, FeatureCache] = {}
-        self.extracted = 0  # entries the warm-up had to extract
+        self.found = 0  # entries valid in the cache when the run started
+        self.extracted = 0  # entries extracted: missing at the start, or broken later
         batch_sizes = (cfg.training.batch_size, cfg.evaluation.batch_size or cfg.training.batch_size)
         if cfg.cache_enabled:
             self._budget = self._memory_budget()
@@ -278,16 +278,17 @@ class FeatureSources:
                      f", under {amp} autocast" if precision else "")
 
     def get_cache_stats(self) -> dict:
-        """hits: entries served from the cache (epochs, or loading into memory); misses: entries that had to
-        be extracted; healed: bad entries deleted and extracted again; bytes_read: from the .npy files."""
-        loaders = [b for b in (self.train, self.val) if b.from_cache]
-        streamed = sum(b.cache_reads for b in loaders if isinstance(b, StreamedFeatures))
-        entry = max((c.entry_bytes for c in self.caches.values()), default=0)
-        hits = sum(b.cache_reads for b in loaders) + sum(c.stats.hits for c in self.caches.values())
-        healed = sum(b.healed for b in loaders) + sum(c.stats.healed for c in self.caches.values())  # main process
-        misses = self.extracted + sum(b.healed for b in loaders)
-        return {"hits": hits, "misses": misses, "hit_rate": hits / max(1, hits + misses), "healed": healed,
-                "bytes_read": sum(c.stats.bytes_read for c in self.caches.values()) + streamed * entry}
+        """hits: entries found valid in the cache at the start; misses: entries that had to be extracted
+        (missing, or broken later); healed: broken entries deleted and extracted again; bytes_read: bytes
+        of entries read from disk."""
+        streamed = [b for b in (self.train, self.val) if isinstance(b, StreamedFeatures)]
+        entry = max((int(np.prod(c.shape)) * c.dtype.itemsize for c in self.caches.values()), default=0)
+        healed = sum(b.healed for b in streamed) + sum(c.stats.healed for c in self.caches.values())
+        total = self.found + self.extracted
+        return {"hits": self.found, "misses": self.extracted, "hit_rate": self.found / total if total else 0.0,
+                "healed": healed,
+                "bytes_read": sum(c.stats.bytes_read for c in self.caches.values()) + entry * sum(
+                    b.cache_reads for b in streamed)}
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -296,15 +297,15 @@ class FeatureSources:
         return self._encoder
 
     def _memory_budget(self) -> tuple[str, int]:
-        """Where an in-memory split may live and how many bytes it may take there."""
+        """Where an in-memory split lives (the training device) and how many bytes it may take there."""
         setting = self.cfg.optimization.feature_cache
         if setting.in_memory is False:
             return "none", 0
+        if setting.memory_budget_gb:
+            return self.device.type, int(setting.memory_budget_gb * 2**30)
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return "cuda", int(free * 0.5)
-        budget = setting.memory_budget_gb * 2**30 if setting.memory_budget_gb else available_memory() // 2
-        return "cpu", int(budget)
+            return "cuda", int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
+        return "cpu", available_memory() // 2
 
     def _cached(self, split: SplitData, batch_size: int, shuffle: bool) -> FeatureBatches:
         cache_cfg = self.cfg.optimization.feature_cache
@@ -316,8 +317,9 @@ class FeatureSources:
             log.info("auto-detect %s: %d entries for %s, %d for other encoders%s", cache.dir, mine,
                      self.identity.short(), other, f", {unknown} not in its manifest" if unknown else "")
         unreadable: set[int] = set()
-        _, extracted = warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size,
-                               self.cfg.data.num_workers, unreadable)
+        found, extracted = warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size,
+                                   self.cfg.data.num_workers, unreadable)
+        self.found += found
         self.extracted += extracted - len(unreadable)
         if unreadable:
             drop_unreadable(split, unreadable)
@@ -327,7 +329,14 @@ class FeatureSources:
             sampler = self.train_sampler = EpochShuffle(len(split.samples), self.cfg.training.seed)
 
         def heal(indices: list[int]) -> dict[int, np.ndarray]:
-            return extract(cache, split.samples, keys, indices, self.encoder, self.cfg.hqsam.batch_size, 0)
+            lost: set[int] = set()
+            self.extracted += len(indices)
+            fresh = extract(cache, split.samples, keys, indices, self.encoder, self.cfg.hqsam.batch_size, 0,
+                            unreadable=lost, keep=True)
+            if lost:  # its entry broke and its image no longer decodes: nothing left to train on honestly
+                raise DataError(f"{split.samples[min(lost)].image_path}: cached features broke and the image no "
+                                "longer decodes; restore the file or remove it from the split's CSV")
+            return fresh
 
         store = self._load_store(cache, keys, heal)
         if store is None:
@@ -351,13 +360,11 @@ class FeatureSources:
         size = len(keys) * per_entry * dtype.itemsize
         self._budget = (place, budget - size)
         torch_dtype = torch.float32 if dtype == np.float32 else torch.from_numpy(np.zeros(0, dtype)).dtype
-        store = torch.empty((len(keys), *cache.shape), dtype=torch_dtype, device=self.device if place == "cuda" else "cpu")
+        store = torch.empty((len(keys), *cache.shape), dtype=torch_dtype, device=self.device)
         for i, key in enumerate(progress(keys, desc=f"Loading {cache.dir.name} into memory", unit="entry", leave=False)):
             stored = cache.load(key)
             if stored is None:
                 stored = heal([i])[i]
             store[i] = torch.from_numpy(stored)  # fp16 -> fp32 once per run, not once per epoch
-        if self.device.type == "cuda" and place == "cpu":
-            store = store.pin_memory()
         log.info("%s: %d entries held in %s memory as %s (%.0f MiB)", cache.dir, len(keys), place, dtype.name, size / 2**20)
         return store

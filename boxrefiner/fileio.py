@@ -23,6 +23,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:  # the rename itself must survive a power loss too
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

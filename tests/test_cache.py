@@ -164,13 +164,18 @@ def test_cache_stats_count_hits_misses_and_bytes(synthetic_root, tmp_path):
     cfg = config_from_dict(small_config(synthetic_root, tmp_path))
     train_split, val_split = prepare_splits(cfg)
     cold = FeatureSources(cfg, CPU, train_split, val_split, "fp32").get_cache_stats()
-    assert cold["misses"] == 32 and cold["healed"] == 0
-    assert cold["hits"] == 32 and cold["bytes_read"] == 32 * 256 * 16 * 16 * 2  # loaded into memory once
-    warm_sources = FeatureSources(cfg, CPU, train_split, val_split, "fp32")
-    for _ in warm_sources.train:
+    assert (cold["hits"], cold["misses"], cold["hit_rate"], cold["healed"]) == (0, 32, 0.0, 0)
+    assert cold["bytes_read"] == 32 * 256 * 16 * 16 * 2  # read into memory once
+    next(iter((tmp_path / "features" / "val").glob("*.npy"))).write_bytes(b"broken")
+    warm = FeatureSources(cfg, CPU, train_split, val_split, "fp32").get_cache_stats()
+    assert (warm["hits"], warm["misses"], warm["healed"]) == (31, 1, 1)
+    streamed_cfg = config_from_dict(small_config(synthetic_root, tmp_path, optimization={
+        "feature_cache": {"cache_dir": str(tmp_path / "features"), "in_memory": False}}))
+    streamed = FeatureSources(streamed_cfg, CPU, train_split, val_split, "fp32")
+    for _ in streamed.train:
         pass
-    warm = warm_sources.get_cache_stats()
-    assert warm["misses"] == 0 and warm["hits"] == 32 + 24 and warm["hit_rate"] == 1.0
+    stats = streamed.get_cache_stats()
+    assert stats["hit_rate"] == 1.0 and stats["bytes_read"] == 24 * 256 * 16 * 16 * 2
 
 
 def test_clear_cache_flag_removes_only_this_encoders_entries(synthetic_root, tmp_path, caplog):

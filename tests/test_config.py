@@ -104,3 +104,12 @@ def test_cli_missing_data_folder_is_one_line(tmp_path):
 def test_cli_missing_config_file(tmp_path):
     result = run_cli("--config", str(tmp_path / "absent.yaml"))
     assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_non_utf8_and_non_mapping_files_are_one_line_errors(tmp_path):
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("data:\n  data_root: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match="the top level of the config file: expected a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))

@@ -174,3 +174,15 @@ def test_the_cli_prints_one_line_for_a_corrupt_resume_file(synthetic_root, tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint '{bad}' cannot be read")
     assert os.path.getsize(bad) == len(b"PK\x03\x04 truncated")
+
+
+def test_resume_applies_a_changed_learning_rate_and_refuses_other_images(synthetic_root, tmp_path):
+    raw = small_config(synthetic_root, tmp_path, training={"epochs": 1, "lr_scheduler": "none", "warmup_epochs": 0})
+    train(config_from_dict(raw), CPU)
+    last = str(tmp_path / "ckpt" / "last.pth")
+    raw["training"].update(epochs=2, learning_rate=1e-4)
+    train(config_from_dict(raw), CPU, resume=last)
+    assert load_checkpoint(last)["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    raw["training"]["epochs"] = 3
+    with pytest.raises(engine.CheckpointError, match="the images of the splits differ"):
+        train(config_from_dict(raw), CPU, resume=last, debug=True)  # --debug keeps fewer images
