@@ -128,8 +128,16 @@ def evaluate_targets(configs: list[dict], device_type: str) -> dict[str, dict]:
     return targets
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
 def hardware(device: torch.device) -> str:
-    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.processor() or 'unknown CPU'})"
+    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()}, {_cpu_model()})"
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", no GPU used"
     return f"{cpu}{gpu}; torch {torch.__version__}; Python {platform.python_version()}"
 
