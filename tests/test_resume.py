@@ -52,6 +52,22 @@ def wait_for_epochs(metrics: Path, count: int, process: subprocess.Popen, timeou
     raise AssertionError("training did not reach the expected epoch in time")
 
 
+def signal_after_first_epoch(config: Path, work: Path, signum: int) -> tuple[int, str]:
+    process = launch(config)
+    wait_for_epochs(work / "out" / "metrics.jsonl", 1, process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+def assert_same_run(work: Path, expected) -> None:
+    weights, records = final_state(work)
+    expected_weights, expected_records = expected
+    assert [r["epoch"] for r in records] == [r["epoch"] for r in expected_records]
+    assert records == expected_records
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+
+
 def final_state(work: Path):
     state = load_checkpoint(work / "ckpt" / "last.pth")
     records = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -76,39 +92,25 @@ def test_sigkill_between_epochs_then_resume_is_bit_identical(synthetic_root, tmp
     resumed = launch(config, "--resume")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    weights, records = final_state(tmp_path)
-    expected_weights, expected_records = uninterrupted
-    assert records == expected_records
-    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+    assert_same_run(tmp_path, uninterrupted)
 
 
 def test_sigint_saves_inside_the_epoch_exits_130_and_resumes_exactly(synthetic_root, tmp_path, uninterrupted):
     config = write_config(synthetic_root, tmp_path)
-    process = launch(config)
-    wait_for_epochs(tmp_path / "out" / "metrics.jsonl", 1, process)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    returncode, err = signal_after_first_epoch(config, tmp_path, signal.SIGINT)
+    assert returncode == 130, err
     assert "Resume with:" in err and "--resume" in err and "Traceback" not in err
     command = err.split("Resume with:")[1].strip().splitlines()[0].split()
     state = load_checkpoint(tmp_path / "ckpt" / "last.pth")
     assert state["interrupted"] is True
     resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    weights, records = final_state(tmp_path)
-    expected_weights, expected_records = uninterrupted
-    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
-    assert records == expected_records
-    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+    assert_same_run(tmp_path, uninterrupted)
 
 
 def test_sigterm_exits_143_with_a_resumable_checkpoint(synthetic_root, tmp_path):
-    config = write_config(synthetic_root, tmp_path)
-    process = launch(config)
-    wait_for_epochs(tmp_path / "out" / "metrics.jsonl", 1, process)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err
+    returncode, err = signal_after_first_epoch(write_config(synthetic_root, tmp_path), tmp_path, signal.SIGTERM)
+    assert returncode == 143, err
     assert load_checkpoint(tmp_path / "ckpt" / "last.pth")["epoch"] >= 0
 
 
