@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import Config, load_config, replace
-from .engine import Targets, amp_precision, build_model, make_lr_lambda, prepare_splits, seed_everything, train, train_one_epoch
+from .engine import Targets, amp_precision, build_model, build_optimization, prepare_splits, seed_everything, train, train_one_epoch
 from .features import FeatureBatches, FeatureSources
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class PreparedBatches(FeatureBatches):
             yield indices, features
 
 
-def _isolated(cfg: Config, folder: Path) -> Config:
+def isolated_outputs(cfg: Config, folder: Path) -> Config:
+    """The config with every output (metrics, checkpoints, logs) under `folder`."""
     return replace(cfg, "output", save_dir=str(folder / "out"), checkpoint_dir=str(folder / "ckpt"),
                    log_dir=str(folder / "logs"))
 
@@ -56,9 +57,7 @@ def head_only_seconds(cfg: Config, device: torch.device, epochs: int) -> list[fl
     precision = amp_precision(device, cfg.training.use_amp)
     sources = FeatureSources(cfg, device, train_split, val_split, precision)
     targets = Targets.of(train_split.samples)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg, len(sources.train)))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    optimizer, scheduler, scaler = build_optimization(cfg, model, len(sources.train), precision)
     seconds = []
     for epoch in range(epochs):
         sources.train_sampler.set_epoch(epoch)
@@ -72,15 +71,15 @@ def measure(cfg: Config, device: torch.device, epochs: int = 3, cache_off_epochs
     """The three numbers behind the cache's claim, measured in one process on the same data and seed."""
     with tempfile.TemporaryDirectory(prefix="boxrefiner-bench-") as tmp:
         folder = Path(tmp)
-        cached = replace(_isolated(cfg, folder / "warm"), "training", epochs=epochs, feature_cache=True)
+        cached = replace(isolated_outputs(cfg, folder / "warm"), "training", epochs=epochs, feature_cache=True)
         cached = replace(cached, "optimization",
                          feature_cache=dataclasses.replace(cfg.optimization.feature_cache, enabled=True))
         start = time.perf_counter()
         train(cached, device)  # fills the cache if needed; its epochs are timed below on a warm cache
         cold_total = time.perf_counter() - start
-        warm = train(_isolated(cached, folder / "warm2"), device)
+        warm = train(isolated_outputs(cached, folder / "warm2"), device)
         head = head_only_seconds(cached, device, epochs)
-        off = train(replace(_isolated(cfg, folder / "off"), "training", epochs=cache_off_epochs, feature_cache=False), device)
+        off = train(replace(isolated_outputs(cfg, folder / "off"), "training", epochs=cache_off_epochs, feature_cache=False), device)
     result = {
         "first_run_seconds": cold_total,
         "warm_epoch_seconds": statistics.median(r["epoch_seconds"] for r in warm),

@@ -106,6 +106,15 @@ def build_model(cfg: Config) -> BoxRefinementModule:
     return BoxRefinementModule(**model_arguments(cfg))
 
 
+def build_optimization(cfg: Config, model: BoxRefinementModule, steps_per_epoch: int, precision: str):
+    """AdamW, the per-step LR schedule, and a GradScaler for fp16 autocast (None otherwise)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate,
+                                  weight_decay=cfg.training.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    return optimizer, scheduler, scaler
+
+
 def model_arguments(cfg: Config) -> dict[str, Any]:
     m = cfg.model
     return {"embed_dim": EMBED_DIM, "hidden_dim": m.hidden_dim, "num_heads": m.num_heads, "max_offset": m.max_offset,
@@ -415,10 +424,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
     train_targets, val_targets = Targets.of(train_split.samples), Targets.of(val_split.samples)
     val_inputs = validation_inputs(cfg, val_targets)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate,
-                                  weight_decay=cfg.training.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg, len(sources.train)))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    optimizer, scheduler, scaler = build_optimization(cfg, model, len(sources.train), precision)
     log.info("model: %d trainable parameters, %d iterations, batch size %d, %d steps per epoch",
              sum(p.numel() for p in model.parameters()), cfg.refinement.max_iter, cfg.training.batch_size,
              len(sources.train))

@@ -67,6 +67,10 @@ class CachedFeatureDataset(Dataset):
         return index, torch.empty(0) if stored is None else torch.from_numpy(stored)
 
 
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
 def _collate_entries(batch: list[tuple[int, torch.Tensor]], shape: tuple, dtype: torch.dtype):
     indices = torch.tensor([i for i, _ in batch])
     bad = torch.tensor([t.numel() == 0 for _, t in batch])
@@ -210,7 +214,7 @@ class StreamedFeatures(FeatureBatches):
     def __init__(self, cache: FeatureCache, keys: Sequence[str], heal: Callable[[list[int]], dict[int, np.ndarray]],
                  batch_size: int, num_workers: int, device: torch.device, sampler: Sampler | None = None):
         super().__init__(batch_size, len(keys), sampler)
-        collate = functools.partial(_collate_entries, shape=cache.shape, dtype=torch.from_numpy(np.zeros(0, cache.dtype)).dtype)
+        collate = functools.partial(_collate_entries, shape=cache.shape, dtype=_torch_dtype(cache.dtype))
         self.loader = make_loader(CachedFeatureDataset(cache, keys), batch_size, num_workers, device, sampler, collate)
         self.heal = heal
         self.device = device
@@ -359,8 +363,7 @@ class FeatureSources:
             return None
         size = len(keys) * per_entry * dtype.itemsize
         self._budget = (place, budget - size)
-        torch_dtype = torch.float32 if dtype == np.float32 else torch.from_numpy(np.zeros(0, dtype)).dtype
-        store = torch.empty((len(keys), *cache.shape), dtype=torch_dtype, device=self.device)
+        store = torch.empty((len(keys), *cache.shape), dtype=_torch_dtype(dtype), device=self.device)
         for i, key in enumerate(progress(keys, desc=f"Loading {cache.dir.name} into memory", unit="entry", leave=False)):
             stored = cache.load(key)
             if stored is None:

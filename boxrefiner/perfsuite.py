@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .benchmark import head_only_seconds, isolated_outputs
 from .config import Config, config_from_dict, replace
 
 VARIANTS = ("baseline", "feature_cache", "sampling", "amp", "combined")
@@ -46,8 +47,7 @@ def variant(cfg: Config, name: str) -> Config:
 
 
 def isolate(cfg: Config, folder: Path, cache_dir: Path) -> Config:
-    cfg = replace(cfg, "output", save_dir=str(folder / "out"), checkpoint_dir=str(folder / "ckpt"),
-                  log_dir=str(folder / "logs"))
+    cfg = isolated_outputs(cfg, folder)
     return replace(cfg, "optimization", feature_cache=dataclasses.replace(cfg.optimization.feature_cache,
                                                                           cache_dir=str(cache_dir)))
 
@@ -180,7 +180,6 @@ def write_chart(result: dict, path: Path) -> None:
 
 def run_suite(cfg: Config, device: torch.device, work: Path, debug: bool = False) -> dict:
     """All variants on one base config; returns the result document (see write_outputs)."""
-    from .benchmark import head_only_seconds
     cache_dir = work / "features"
     runs, configs = {}, []
     cold = run_isolated(isolate(variant(cfg, "feature_cache"), work / "feature_cache_cold", cache_dir), device, debug)
