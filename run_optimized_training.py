@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from boxrefiner.cli import (USER_ERRORS, apply_overrides, build_parser, clear_features, ensure_synthetic_data,
-                            resolve_device, setup_logging)
+from boxrefiner.cli import apply_overrides, build_parser, clear_features, ensure_synthetic_data
+from boxrefiner.console import resolve_device, run_command, setup_logging
 from boxrefiner.config import Config, load_config, replace
 
 DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--clear-cache", action="store_true", help="delete this encoder's cached features first")
     args = parser.parse_args(argv)
-    try:
+
+    def compare_runs(_) -> int:
         cfg, _ = load_config(args.config)
         setup_logging(cfg.output.log_dir)
         device = resolve_device(args.device)
@@ -68,12 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         fast, notes = apply_overrides(cfg, build_parser().parse_args(["--config", str(args.config), "--fast"]))
         print("\n".join(notes), file=sys.stderr)
         rows.append(run(fast, device, "fast"))
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print()
-    print(comparison(rows))
-    return 0
+        print()
+        print(comparison(rows))
+        return 0
+
+    return run_command(compare_runs)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ def base_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from boxrefiner.cli import USER_ERRORS, ensure_synthetic_data, resolve_device, setup_logging
-    try:
+    from boxrefiner.cli import ensure_synthetic_data
+    from boxrefiner.console import resolve_device, run_command, setup_logging
+
+    def run(_) -> int:
         cfg = base_config(args)
         device = resolve_device(args.device)
         setup_logging()
@@ -59,12 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="boxrefiner-perf-") as work:
             result = run_suite(cfg, device, Path(work), debug=args.quick and args.config is not None)
         paths = write_outputs(result, args.out)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown_table(result))
-    print(f"\nwrote {paths['json']}, {paths['table']}, {paths['chart']}")
-    return 0
+        print(markdown_table(result))
+        print(f"\nwrote {paths['json']}, {paths['table']}, {paths['chart']}")
+        return 0
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

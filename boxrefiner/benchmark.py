@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,25 +108,25 @@ def fp16_storage_error(cfg: Config, count: int = 8) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure where a training epoch's time goes.")
     parser.add_argument("--config", required=True)
-    from .cli import USER_ERRORS, _positive_int, resolve_device, setup_logging
-    parser.add_argument("--epochs", type=_positive_int, default=3, help="epochs timed with the cache warm and head-only")
-    parser.add_argument("--cache-off-epochs", type=_positive_int, default=1,
+    from .console import positive_int, resolve_device, run_command, setup_logging
+    parser.add_argument("--epochs", type=positive_int, default=3, help="epochs timed with the cache warm and head-only")
+    parser.add_argument("--cache-off-epochs", type=positive_int, default=1,
                         help="epochs timed with the encoder in the loop")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
+
+    def run(_) -> int:
         cfg, _ = load_config(args.config)
         result = measure(cfg, resolve_device(args.device), args.epochs, args.cache_off_epochs)
         result["fp16_storage"] = fp16_storage_error(cfg)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+        print(json.dumps(result, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,16 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=EPS)
 
 
+def iou_summary(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """How refinement changed per-box IoUs with the truth (`before`, `after`: (N,) IoUs, boxes or masks):
+    means, share made worse, and shares at IoU >= 0.75 and >= 0.9."""
+    before, after = before.double(), after.double()
+    return {"iou_input": before.mean().item(), "iou_refined": after.mean().item(),
+            "worse_rate": (after < before - 1e-6).double().mean().item(),
+            "iou75_input": (before >= 0.75).double().mean().item(), "iou75_refined": (after >= 0.75).double().mean().item(),
+            "iou90_input": (before >= 0.9).double().mean().item(), "iou90_refined": (after >= 0.9).double().mean().item()}
+
+
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """GIoU of each pair: IoU minus the share of the enclosing box that neither box covers."""
     inter, union = _intersection_union(a, b)

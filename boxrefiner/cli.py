@@ -12,45 +12,13 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from .cache import CacheError, cache_tag, clear_cache
+from .cache import cache_tag, clear_cache
 from .checkpoint import LAST, CheckpointError
-from .config import Config, ConfigError, load_config, replace
-from .data import DataError
-from .encoder import EncoderError, encoder_identity
+from .config import Config, load_config, replace
+from .console import positive_int, resolve_device, run_command, setup_logging
+from .encoder import encoder_identity
 
 log = logging.getLogger("boxrefiner")
-USER_ERRORS = (ConfigError, DataError, EncoderError, CheckpointError, CacheError)
-
-
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not tear the progress bars."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-def setup_logging(log_dir: str | None = None) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.INFO)
-    console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root.addHandler(console)
-    if log_dir:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(Path(log_dir) / "train.log", encoding="utf-8")
-        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(file)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                         help="continue from a checkpoint; 'auto' or no value: last.pth in output.checkpoint_dir")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--epochs", type=_positive_int, help="override training.epochs")
-    parser.add_argument("--batch-size", type=_positive_int, help="override training.batch_size")
+    parser.add_argument("--epochs", type=positive_int, help="override training.epochs")
+    parser.add_argument("--batch-size", type=positive_int, help="override training.batch_size")
     return parser
 
 
@@ -86,23 +54,6 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> tuple[Config, list
         cfg = replace(cfg, "training", epochs=args.epochs)
         notes.append(f"--epochs: epochs={args.epochs}")
     return cfg, notes
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device '{name}': use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise ConfigError(f"--device '{name}': use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def resolve_resume(value: str | None, cfg: Config) -> str | None:
@@ -184,17 +135,4 @@ def resume_command(argv: list[str], checkpoint: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .engine import TrainingError
-    try:
-        return run(argv)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # read-only folder, full disk, ...: what and where, without a traceback
-        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: every file is written atomically, so nothing is torn
-        print("interrupted at once; the last saved checkpoint is intact", file=sys.stderr)
-        return 130
+    return run_command(run, argv, fatal=(TrainingError,))

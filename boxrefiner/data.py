@@ -140,6 +140,19 @@ def union_box(rows: list[tuple]) -> tuple[float, float, float, float, int, int]:
     return float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max() + 1), float(arr[:, 3].max() + 1), width, height
 
 
+def ground_truth_mask(rows: list[tuple], width: int, height: int) -> np.ndarray:
+    """Union of an image's part masks (rows from `read_masks`), scaled (nearest) from the annotated size
+    to the loaded `width` x `height` image: the object HQ-SAM should cut out."""
+    _, mask_w, mask_h = rows[0]
+    canvas = np.zeros((mask_h, mask_w), dtype=bool)
+    for rle, part_w, part_h in rows:
+        part, (left, top, _, _) = decode_cvat_rle(rle, part_w, part_h)
+        canvas[top:top + part.shape[0], left:left + part.shape[1]] |= part
+    if (mask_w, mask_h) == (width, height):
+        return canvas
+    return np.asarray(Image.fromarray(canvas).resize((width, height), Image.NEAREST))
+
+
 def oriented_size(path: Path) -> tuple[int, int]:
     """Width and height after EXIF orientation, read from the header only."""
     with Image.open(path) as img:

@@ -96,8 +96,9 @@ def build_image_encoder(model_type: str, input_size: int = 1024) -> nn.Module:
     return encoder
 
 
-def read_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The `image_encoder.*` tensors of an (HQ-)SAM checkpoint, prefix removed, loaded safely on CPU."""
+def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an (HQ-)SAM checkpoint, unwrapped from `{'model': ...}`-style wrappers, loaded
+    safely on CPU."""
     path = Path(path)
     if not path.is_file():
         raise EncoderError(f"hqsam.checkpoint '{path}' does not exist")
@@ -114,16 +115,25 @@ def read_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict):
         raise EncoderError(f"hqsam.checkpoint '{path}' holds a {type(state).__name__}, not a state dict")
-    encoder_state = {k[len("image_encoder."):]: v for k, v in state.items()
-                     if isinstance(k, str) and k.startswith("image_encoder.") and isinstance(v, torch.Tensor)}
-    if not encoder_state:
+    if not any(isinstance(k, str) and k.startswith("image_encoder.") for k in state):
         raise EncoderError(f"hqsam.checkpoint '{path}' has no 'image_encoder.*' weights: not a SAM/HQ-SAM checkpoint")
-    return encoder_state
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def load_encoder_weights(encoder: nn.Module, state: dict[str, torch.Tensor], model_type: str, source: str) -> None:
-    """Load strictly: every parameter present with the right shape, or a clear error."""
-    expected = encoder.state_dict()
+def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix.` with the prefix removed."""
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def read_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `image_encoder.*` tensors of an (HQ-)SAM checkpoint, prefix removed, loaded safely on CPU."""
+    return submodule_state(read_sam_state(path), "image_encoder")
+
+
+def load_strictly(module: nn.Module, state: dict[str, torch.Tensor], model_type: str, source: str,
+                  part: str = "encoder") -> None:
+    """Load every parameter, present with the right shape and nothing else, or raise a clear error."""
+    expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     extra = [k for k in state if k not in expected]
@@ -131,8 +141,8 @@ def load_encoder_weights(encoder: nn.Module, state: dict[str, torch.Tensor], mod
         parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in
                  ((missing, "missing"), (wrong, "with another shape"), (extra, "unexpected")) if v]
         raise EncoderError(f"hqsam.checkpoint '{source}' does not fit hqsam.model_type '{model_type}': "
-                           f"encoder keys {', '.join(parts)}")
-    encoder.load_state_dict(state, strict=True)
+                           f"{part} keys {', '.join(parts)}")
+    module.load_state_dict(state, strict=True)
 
 
 _HASH_MEMO = ".checkpoint_hashes.json"
@@ -213,9 +223,15 @@ class ImageEncoder:
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, precision: str | None = None) -> torch.Tensor:
         """Embeddings as float32; `precision` overrides the identity's (the cache-off AMP path)."""
+        return self.encode_with_interm(images, precision)[0]
+
+    @torch.inference_mode()
+    def encode_with_interm(self, images: torch.Tensor, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, 256, g, g) and the early-layer features (B, g, g, D) that HQ-SAM's mask decoder
+        also reads (its `interm_embeddings[0]`), both float32."""
         with autocast_context(self.device, precision or self.identity.precision):
-            embedding, _ = self.module(images.to(self.device, non_blocking=True))
-        return embedding.float()
+            embedding, interm = self.module(images.to(self.device, non_blocking=True))
+        return embedding.float(), interm[0].float()
 
 
 def build_encoder(cfg: HQSAMConfig, device: torch.device, identity: EncoderIdentity) -> ImageEncoder:
@@ -223,7 +239,7 @@ def build_encoder(cfg: HQSAMConfig, device: torch.device, identity: EncoderIdent
     if cfg.checkpoint:
         state = read_encoder_state(cfg.checkpoint)
         module = build_image_encoder(cfg.model_type, cfg.input_size)
-        load_encoder_weights(module, state, cfg.model_type, cfg.checkpoint)
+        load_strictly(module, state, cfg.model_type, cfg.checkpoint)
         log.info("HQ-SAM %s encoder loaded from %s (sha256 %s)", cfg.model_type, cfg.checkpoint, identity.weights[:12])
     else:
         with torch.random.fork_rng(devices=[]):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .boxes import box_iou, hflip_boxes, hflip_extent, jitter_boxes
+from .boxes import box_iou, hflip_boxes, hflip_extent, iou_summary, jitter_boxes
 from .checkpoint import (BEST, LAST, CheckpointError, config_changes, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import Config
@@ -302,15 +302,10 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
             losses[name] += value.item() * len(indices)
         iou_in.append(box_iou(boxes, gt).cpu())
         iou_out.append(box_iou(refined.float(), gt).cpu())
-    before, after = torch.cat(iou_in), torch.cat(iou_out)
-    n = len(before)
+    n = sum(len(t) for t in iou_in)
+    summary = iou_summary(torch.cat(iou_in), torch.cat(iou_out))
     return {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n, "val_giou_loss": losses["giou"] / n,
-            "val_iou_input": before.mean().item(), "val_iou_refined": after.mean().item(),
-            "val_worse_rate": (after < before - 1e-6).float().mean().item(),
-            "val_iou75_input": (before >= 0.75).float().mean().item(),
-            "val_iou75_refined": (after >= 0.75).float().mean().item(),
-            "val_iou90_input": (before >= 0.9).float().mean().item(),
-            "val_iou90_refined": (after >= 0.9).float().mean().item(),
+            **{f"val_{key}": value for key, value in summary.items()},
             "val_seconds": time.perf_counter() - start}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -30,22 +31,22 @@ _RECORD_EVERY = 256  # extracted entries between manifest updates
 class ImageDataset(Dataset):
     """Decoded, SAM-preprocessed images (decoding and resizing run in DataLoader workers)."""
 
-    def __init__(self, samples: Sequence[Sample], input_size: int):
-        self.samples = samples
+    def __init__(self, paths: Sequence[Path], input_size: int):
+        self.paths = paths
         self.input_size = input_size
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
         try:
-            return index, preprocess(load_rgb(self.samples[index].image_path), self.input_size)
+            return index, preprocess(load_rgb(self.paths[index]), self.input_size)
         except (OSError, ValueError, SyntaxError):  # truncated or corrupt: an empty tensor, dropped by the caller
-            log.warning("cannot decode %s; skipping it", self.samples[index].image_path)
+            log.warning("cannot decode %s; skipping it", self.paths[index])
             return index, torch.empty(0)
 
 
-def _collate_images(batch: list[tuple[int, torch.Tensor]]):
+def collate_images(batch: list[tuple[int, torch.Tensor]]):
     good = [(i, t) for i, t in batch if t.numel()]
     bad = [i for i, t in batch if not t.numel()]
     images = torch.stack([t for _, t in good]) if good else torch.empty(0)
@@ -115,8 +116,8 @@ def extract(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
     """Encode the given samples and store them; with `keep`, returns the stored arrays (healing).
     Samples whose image does not decode are added to `unreadable`."""
     subset = [samples[i] for i in indices]
-    loader = make_loader(ImageDataset(subset, cache.identity.input_size), batch_size, num_workers, encoder.device,
-                         collate_fn=_collate_images, persistent=False)
+    loader = make_loader(ImageDataset([s.image_path for s in subset], cache.identity.input_size), batch_size, num_workers, encoder.device,
+                         collate_fn=collate_images, persistent=False)
     stored, pending = {}, {}
     with progress(total=len(subset), desc=bar_desc, unit="img", disable=bar_desc is None) as bar:
         for positions, images, bad in loader:
@@ -239,8 +240,8 @@ class EncodedFeatures(FeatureBatches):
     def __init__(self, samples: Sequence[Sample], encoder: ImageEncoder, precision: str | None, batch_size: int,
                  num_workers: int, sampler: Sampler | None = None):
         super().__init__(batch_size, len(samples), sampler)
-        self.loader = make_loader(ImageDataset(samples, encoder.identity.input_size), batch_size, num_workers,
-                                  encoder.device, sampler, collate_fn=_collate_images)
+        self.loader = make_loader(ImageDataset([s.image_path for s in samples], encoder.identity.input_size), batch_size, num_workers,
+                                  encoder.device, sampler, collate_fn=collate_images)
         self.encoder = encoder
         self.precision = precision
 

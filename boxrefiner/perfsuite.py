@@ -59,7 +59,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _worker(cfg_dict: dict, device_name: str, debug: bool, queue) -> None:
-    from .cli import setup_logging
+    from .console import setup_logging
     from .engine import train
     setup_logging()
     device = torch.device(device_name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import json
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,26 @@ def generate(out: str | Path, train: int = 96, val: int = 32, seed: int = 0, siz
     return out
 
 
+def simulated_detections(root: str | Path, split: str = "val", center_std: float = 0.15, scale_std: float = 0.2,
+                         seed: int = 0) -> list[dict]:
+    """A stand-in for a detector's output on a dataset: every image's ground-truth box (read by the
+    real loader) with detector-like noise, a score and an extra field, as refine_boxes.py reads them."""
+    import torch
+
+    from .boxes import jitter_boxes
+    from .config import DataConfig
+    from .data import load_split
+
+    samples = load_split(DataConfig(data_root=str(root)), split).samples
+    longest = torch.tensor([[max(s.width, s.height)] for s in samples], dtype=torch.float64)
+    truth = torch.tensor([s.box for s in samples], dtype=torch.float64) / longest
+    extent = torch.tensor([(s.width, s.height) for s in samples], dtype=torch.float64) / longest
+    noisy = jitter_boxes(truth, extent, center_std, scale_std, 2.5, torch.Generator().manual_seed(seed)) * longest
+    scores = np.random.default_rng(seed).uniform(0.3, 0.99, len(samples))
+    return [{"file_name": s.file_name, "bbox": [round(float(v), 2) for v in box], "score": round(float(score), 3),
+             "label": "fungus"} for s, box, score in zip(samples, noisy, scores)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a synthetic dataset in FungiTastic-Mini's layout.")
     parser.add_argument("--out", required=True, help="dataset root to write (metadata/, FungiTastic-Mini/, masks/)")
@@ -122,11 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=32, help="number of validation images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", type=int, nargs="+", default=[300], help="image folders to write, e.g. 300 500")
+    parser.add_argument("--detections", type=Path,
+                        help="also write simulated detections (noisy xyxy boxes) of the val images to this JSON")
+    parser.add_argument("--center-std", type=float, default=0.15, help="detection noise: centre shift / box size")
+    parser.add_argument("--scale-std", type=float, default=0.2, help="detection noise: std of log width/height")
     args = parser.parse_args(argv)
     if args.train < 1 or args.val < 1:
         parser.error("--train and --val must be at least 1")
     root = generate(args.out, args.train, args.val, args.seed, tuple(args.sizes))
     print(f"wrote {args.train} train and {args.val} val images to {root}")
+    if args.detections:
+        rows = simulated_detections(root, "val", args.center_std, args.scale_std, args.seed)
+        text = json.dumps(rows, indent=1).encode()
+        atomic_write(args.detections, lambda f: f.write(text))
+        print(f"wrote {len(rows)} simulated detections to {args.detections}")
     return 0
 
 

@@ -1,0 +1,204 @@
+"""Measure a trained refiner on a labelled split: box IoU with the truth before and after refinement,
+and, where HQ-SAM's mask decoder is available, the IoU of the masks HQ-SAM draws from each box (the
+end goal: better boxes are worth something only if they give better masks).
+
+    python evaluate_refiner.py --checkpoint checkpoints/demo/best_model.pth [--split val]
+        [--detections in.json | --refined out.json] [--mask-iou | --no-mask-iou] [--output report.json]
+
+Input boxes are one of
+- the ground truth jittered with the run's `data.box_noise` and `evaluation.noise_seed` (default; on
+  the validation split this repeats the trainer's validation numbers),
+- a detector's boxes (`--detections`), refined here, or
+- refine_boxes.py's output (`--refined`), scored as written: `bbox_input` versus `bbox`.
+A split image holds one object, so every box of an image is scored against that image's truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .boxes import box_iou, iou_summary
+from .config import replace
+from .console import non_negative_int, positive_int, run_command, setup_logging
+from .data import SplitData, ground_truth_mask, load_split, read_masks, split_paths
+from .detections import BOX_FORMATS, DetectionsError, parse_detections, read_detections, to_xyxy
+from .engine import Targets, validation_inputs
+from .fileio import atomic_write
+from .progress import progress
+from .refiner import BoxRefiner, ImageFeatures
+from .sam import mask_iou
+
+log = logging.getLogger("boxrefiner")
+
+
+@dataclass
+class Case:
+    """One box to score: the split image it belongs to, the input box and (if given) the refined one."""
+    sample: int
+    box: np.ndarray  # xyxy pixels
+    refined: np.ndarray | None = None
+
+
+def jittered_cases(refiner: BoxRefiner, split: SplitData) -> list[Case]:
+    """The trainer's validation inputs: ground truth with the run's noise and seed."""
+    targets = Targets.of(split.samples)
+    inputs = validation_inputs(refiner.cfg, targets).double()
+    longest = torch.tensor([max(s.width, s.height) for s in split.samples], dtype=torch.float64)
+    return [Case(i, box.numpy()) for i, box in enumerate(inputs * longest[:, None])]
+
+
+def cases_from_rows(rows: list, split: SplitData, box_format: str, refined: bool) -> tuple[list[Case], Counter]:
+    """Cases from detections (or, with `refined`, from refine_boxes.py's output); what was left out."""
+    index = {s.file_name: i for i, s in enumerate(split.samples)}
+    detections, problems = parse_detections(rows, box_format)
+    skipped = Counter("malformed_row" for _ in problems)
+    cases = []
+    for detection in detections:
+        if detection.file_name not in index:
+            skipped["not_in_split"] += 1
+            continue
+        row = rows[detection.row]
+        if not refined:
+            cases.append(Case(index[detection.file_name], np.array(detection.box)))
+            continue
+        if "bbox_input" not in row:
+            skipped["not_refined"] += 1  # refine_boxes.py could not refine it (refine_error)
+            continue
+        try:
+            before = to_xyxy(row["bbox_input"], box_format)
+        except ValueError:
+            skipped["malformed_row"] += 1
+            continue
+        cases.append(Case(index[detection.file_name], np.array(before), np.array(detection.box)))
+    return cases, skipped
+
+
+def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], masks_file: Path | None = None) -> dict:
+    """Score every case; with `masks_file` (the split's masks parquet) also HQ-SAM's masks from both boxes."""
+    by_sample: dict[int, list[Case]] = {}
+    for case in cases:
+        by_sample.setdefault(case.sample, []).append(case)
+    order = list(by_sample)
+    samples = [split.samples[i] for i in order]
+    mask_rows = read_masks(masks_file, {s.file_name for s in samples}) if masks_file else {}
+    box_before, box_after, mask_before, mask_after = [], [], [], []
+    skipped: Counter = Counter()
+    if masks_file is not None or any(c.refined is None for c in cases):
+        items = refiner.image_features([s.image_path for s in samples], for_masks=masks_file is not None)
+    else:  # refined boxes given and no masks wanted: nothing to read
+        items = (ImageFeatures(i, s.image_path) for i, s in enumerate(samples))
+    with progress(total=len(order), desc="Evaluating", unit="img") as bar:
+        for item in items:
+            bar.update(1)
+            sample, group = samples[item.index], by_sample[order[item.index]]
+            if item.error:
+                skipped[item.error] += len(group)
+                continue
+            inputs = np.stack([c.box for c in group])
+            if group[0].refined is None:
+                refined = refiner.refine_features(item.embedding, item.width, item.height, inputs).boxes
+            else:
+                refined = np.stack([c.refined for c in group])
+            truth = torch.tensor([sample.box] * len(group), dtype=torch.float64)
+            box_before.append(box_iou(torch.from_numpy(inputs), truth))
+            box_after.append(box_iou(torch.from_numpy(refined), truth))
+            if masks_file is not None:
+                gt = ground_truth_mask(mask_rows[sample.file_name], item.width, item.height)
+                for boxes, out in ((inputs, mask_before), (refined, mask_after)):
+                    predicted, _ = refiner.prompter.masks(*item.sam_features, item.height, item.width, boxes)
+                    out.append(torch.tensor([mask_iou(m, gt) for m in predicted], dtype=torch.float64))
+    if not box_before:
+        raise DetectionsError(f"nothing to evaluate on split '{split.split}' (left out: {dict(skipped) or 'none'})")
+    return {"split": split.split, "images": len(box_before), "boxes": int(sum(len(t) for t in box_before)),
+            "box": iou_summary(torch.cat(box_before), torch.cat(box_after)),
+            "mask": iou_summary(torch.cat(mask_before), torch.cat(mask_after)) if mask_before else None,
+            "skipped": dict(skipped)}
+
+
+def format_report(report: dict) -> str:
+    """A small table: what the input boxes gave, and what the refined ones give."""
+    lines = [f"{report['boxes']} boxes on {report['images']} images of split '{report['split']}' "
+             f"(inputs: {report['inputs']}; mask decoder: {report['mask_decoder']})", "",
+             "| measure | input boxes | refined boxes |", "|---|---|---|"]
+    for part in ("box", "mask"):
+        s = report[part]
+        if s is None:
+            continue
+        lines += [f"| {part} mean IoU | {s['iou_input']:.3f} | {s['iou_refined']:.3f} |",
+                  f"| {part} IoU >= 0.75 | {100 * s['iou75_input']:.1f}% | {100 * s['iou75_refined']:.1f}% |",
+                  f"| {part} IoU >= 0.9 | {100 * s['iou90_input']:.1f}% | {100 * s['iou90_refined']:.1f}% |",
+                  f"| {part} IoU made worse | | {100 * s['worse_rate']:.1f}% |"]
+    if report["skipped"]:
+        lines += ["", "left out: " + ", ".join(f"{n} {r}" for r, n in sorted(report["skipped"].items()))]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Measure a trained box refiner on a labelled split.")
+    parser.add_argument("--checkpoint", required=True, help="refiner checkpoint (best_model.pth or last.pth)")
+    parser.add_argument("--split", default=None, help="split to measure (default: the run's data.val_split)")
+    parser.add_argument("--data-root", help="FungiTastic root (default: the run's data.data_root)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--detections", help="detector boxes to refine and score (JSON list, file_name + bbox)")
+    source.add_argument("--refined", help="refine_boxes.py output to score as is (bbox_input vs bbox)")
+    parser.add_argument("--box-format", choices=BOX_FORMATS, default="xyxy", help="bbox layout of those files")
+    parser.add_argument("--mask-iou", action=argparse.BooleanOptionalAction, default=None,
+                        help="prompt HQ-SAM with both boxes and compare masks with the truth (default: on with a "
+                             "real HQ-SAM checkpoint, off with random weights)")
+    parser.add_argument("--hqsam-checkpoint", help="HQ-SAM checkpoint (default: the training run's hqsam.checkpoint)")
+    parser.add_argument("--cache-dir", help="feature cache to read (default: the training run's)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per encoder batch")
+    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="image-decoding workers")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--output", help="also write the report as JSON here")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    refiner = BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
+                                         cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                         num_workers=args.num_workers)
+    random_weights = refiner.identity.weights.startswith("random-init")
+    masks = args.mask_iou if args.mask_iou is not None else not random_weights
+    if args.mask_iou is None and random_weights:
+        log.info("mask IoU skipped: HQ-SAM's weights are random here, so its masks mean nothing (--mask-iou forces it)")
+    if masks:
+        refiner.enable_masks()
+    data = refiner.cfg.data if not args.data_root else replace(refiner.cfg, "data", data_root=args.data_root).data
+    split_name = args.split or data.val_split
+    split = load_split(data, split_name)
+    log.info("split '%s': %d labelled images%s", split_name, len(split.samples),
+             "".join(f", {n} {r}" for r, n in sorted(split.skipped.items())))
+    if args.detections or args.refined:
+        rows = read_detections(args.detections or args.refined)
+        cases, skipped = cases_from_rows(rows, split, args.box_format, refined=bool(args.refined))
+        source = f"{'refine_boxes.py output' if args.refined else 'detections'} {args.detections or args.refined}"
+    else:
+        cases, skipped = jittered_cases(refiner, split), Counter()
+        noise = refiner.cfg.data.box_noise
+        source = (f"ground truth jittered (center_std {noise.center_std}, scale_std {noise.scale_std}, "
+                  f"seed {refiner.cfg.evaluation.noise_seed})")
+    report = evaluate_cases(refiner, split, cases, split_paths(data, split_name)[2] if masks else None)
+    report["skipped"] = dict(Counter(report["skipped"]) + skipped)
+    report.update(inputs=source, checkpoint=str(args.checkpoint),
+                  mask_decoder=("not used" if not masks else "random weights" if random_weights else "HQ-SAM checkpoint"))
+    print(format_report(report))
+    if args.output:
+        text = json.dumps(report, indent=1).encode()
+        atomic_write(args.output, lambda f: f.write(text))
+        log.info("report written to %s", args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, argv)

@@ -1,0 +1,268 @@
+"""Apply a trained refiner: load it from its checkpoint alone and refine pixel boxes on images.
+
+    refiner = BoxRefiner.from_checkpoint("checkpoints/best_model.pth")
+    result = refiner.refine("photo.jpg", [[x0, y0, x1, y1], ...])   # xyxy pixels in and out
+    result.boxes, result.iterations, result.steps
+
+Everything comes from the checkpoint: model arguments and weights, the identity of the encoder the
+features came from, `refinement.stop_threshold`, and where the feature cache was. An image's features
+are read from that cache when an entry for its bytes and this encoder exists (in any split folder:
+keys name content, not place); otherwise the encoder runs. Either way the head sees the embedding in
+the cache's storage dtype, exactly as in training, so a cached and a fresh image give the same boxes.
+The encoder is built only when a feature is missing, and only after checking that its weights are the
+ones the refiner was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .cache import FeatureCache, file_digest
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, ConfigError, HQSAMConfig, config_from_dict
+from .console import resolve_device
+from .data import oriented_size
+from .encoder import EncoderError, EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, file_sha256
+from .features import ImageDataset, collate_images, make_loader
+from .model import BoxRefinementModule
+from .sam import BoxPrompter, load_sam_hq
+
+log = logging.getLogger(__name__)
+STORE_SPLIT = "inference"  # cache folder for features computed while refining (with store_features)
+_BOX_CHUNK = 64  # boxes refined together on one image's features
+
+
+@dataclass
+class Refinement:
+    """Refined boxes of one image, `xyxy` pixels."""
+    boxes: np.ndarray  # (N, 4) the final boxes
+    iterations: np.ndarray  # (K, N, 4) the boxes after each iteration; a box that stopped early repeats
+    steps: np.ndarray  # (N,) iterations that moved each box before it stopped
+
+
+@dataclass
+class ImageFeatures:
+    """One image's embedding for the refiner (and, for masks, the HQ decoder's early-layer features),
+    or why there is none (`error`: missing_image, unreadable_image)."""
+    index: int  # position in the list of paths asked for
+    path: Path
+    width: int = 0
+    height: int = 0
+    embedding: torch.Tensor | None = None  # (256, g, g) float32, values as stored in the cache dtype
+    sam_features: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder output as is, for HQ-SAM's decoder
+    cached: bool = False
+    error: str | None = None
+
+
+class BoxRefiner:
+    """A trained BoxRefinementModule with the encoder and feature cache it was trained with."""
+
+    def __init__(self, model: BoxRefinementModule, identity: EncoderIdentity, cfg: Config, device: torch.device,
+                 hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None, store_features: bool = False,
+                 with_masks: bool = False, batch_size: int | None = None, num_workers: int = 2):
+        self.model = model.to(device).eval()
+        self.identity = identity
+        self.cfg = cfg
+        self.device = device
+        self.stop_threshold = cfg.refinement.stop_threshold
+        self.hqsam_checkpoint = hqsam_checkpoint or cfg.hqsam.checkpoint
+        self.with_masks = with_masks
+        self.batch_size = batch_size or cfg.hqsam.batch_size
+        self.num_workers = num_workers
+        self.store_features = store_features
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.storage_dtype = cfg.optimization.feature_cache.storage_dtype
+        self._encoder: ImageEncoder | None = None
+        self._prompter: BoxPrompter | None = None
+        self.encoded = 0  # images that went through the encoder
+        self.cache_hits = 0  # images whose features came from the cache
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "auto",
+                        hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None,
+                        use_cache: bool = True, store_features: bool = False, with_masks: bool = False,
+                        batch_size: int | None = None, num_workers: int = 2) -> "BoxRefiner":
+        """Load from a trainer checkpoint (`best_model.pth` or `last.pth`); no config file needed.
+
+        `cache_dir` defaults to the training run's; `hqsam_checkpoint` to the training run's
+        `hqsam.checkpoint` (needed only for images whose features are not cached, or for masks)."""
+        state = load_checkpoint(path)
+        for key in ("model_args", "encoder"):
+            if not isinstance(state.get(key), dict):
+                raise CheckpointError(f"checkpoint '{path}' has no '{key}': written before this tool could apply "
+                                      "refiners; train again (or --resume it for one more epoch) to get one")
+        try:
+            cfg = config_from_dict(state["config"])
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint '{path}': its saved config is not valid here ({exc})") from None
+        model = BoxRefinementModule(**state["model_args"])
+        try:
+            model.load_state_dict(state["model_state_dict"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint '{path}': weights do not fit its model_args "
+                                  f"({str(exc).splitlines()[0][:200]})") from None
+        identity = EncoderIdentity(**state["encoder"])
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        val = state.get("val_iou_refined")
+        log.info("refiner %s: epoch %s%s, features of %s, stop threshold %g, on %s", path, state["epoch"],
+                 f", val IoU {val:.3f}" if isinstance(val, float) else "", identity.short(),
+                 cfg.refinement.stop_threshold, device)
+        if cache_dir is None:
+            cache_dir = cfg.optimization.feature_cache.cache_dir
+        return cls(model, identity, cfg, device, hqsam_checkpoint, cache_dir if use_cache else None, store_features,
+                   with_masks, batch_size, num_workers)
+
+    # --- features ---------------------------------------------------------------------------------
+
+    def _caches(self) -> list[FeatureCache]:
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return []
+        return [FeatureCache(self.cache_dir, folder.name, self.identity, self.storage_dtype)
+                for folder in sorted(self.cache_dir.iterdir()) if folder.is_dir()]
+
+    def image_features(self, paths: Sequence[str | Path], for_masks: bool = False) -> Iterator[ImageFeatures]:
+        """Features of each image, cached ones first, then the rest encoded in batches; every path is
+        answered once, in that order (use `.index`). `for_masks` runs the encoder on every image: HQ-SAM's
+        decoder needs its early-layer features too, which the cache does not hold."""
+        caches = [] if for_masks else self._caches()
+        store = (FeatureCache(self.cache_dir, STORE_SPLIT, self.identity, self.storage_dtype)
+                 if self.store_features and self.cache_dir is not None else None)
+        pending: list[ImageFeatures] = []
+        keys: dict[int, str] = {}
+        for index, raw in enumerate(paths):
+            item = ImageFeatures(index, Path(raw))
+            if not item.path.is_file():
+                item.error = "missing_image"
+                yield item
+                continue
+            try:
+                item.width, item.height = oriented_size(item.path)
+            except (OSError, ValueError, SyntaxError):
+                item.error = "unreadable_image"
+                yield item
+                continue
+            keyer = store or (caches[0] if caches else None)  # every one of them computes the same key
+            if keyer is not None:
+                key = keyer.key_for(file_digest(item.path))
+                keys[index] = key
+                stored = next((s for s in (c.load(key) for c in caches) if s is not None), None)
+                if stored is not None:
+                    item.embedding, item.cached = torch.from_numpy(stored).float(), True
+                    self.cache_hits += 1
+                    yield item
+                    continue
+            pending.append(item)
+        if not pending:
+            return
+        loader = make_loader(ImageDataset([p.path for p in pending], self.identity.input_size), self.batch_size,
+                             self.num_workers, self.device, collate_fn=collate_images, persistent=False)
+        encoder = self.encoder
+        for positions, images, bad in loader:
+            for position in bad:
+                pending[position].error = "unreadable_image"
+                yield pending[position]
+            if not len(positions):
+                continue
+            embeddings, interms = encoder.encode_with_interm(images)
+            for position, embedding, interm in zip(positions.tolist(), embeddings, interms):
+                item = pending[position]
+                stored = np.ascontiguousarray(embedding.cpu().numpy(), dtype=self.storage_dtype)  # what training saw
+                if store is not None:
+                    store.save(keys[item.index], stored)
+                    store.record({keys[item.index]: {"file": str(item.path), "width": item.width,
+                                                     "height": item.height}})
+                item.embedding = torch.from_numpy(stored).float()
+                item.sam_features = (embedding, interm) if for_masks else None
+                self.encoded += 1
+                yield item
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        """The HQ-SAM image encoder, built on first need, with the weights the refiner was trained on."""
+        if self._encoder is None:
+            checkpoint = self._verified_hqsam_checkpoint()
+            if self.with_masks:
+                sam = load_sam_hq(self.identity.model_type, self.identity.input_size, checkpoint)
+                self._prompter = BoxPrompter(sam, self.device)
+                self._encoder = ImageEncoder(sam.image_encoder, self.identity, self.device)
+            else:
+                cfg = HQSAMConfig(checkpoint=checkpoint, model_type=self.identity.model_type,
+                                  allow_random_init=checkpoint is None, input_size=self.identity.input_size,
+                                  precision=self.identity.precision)
+                self._encoder = build_encoder(cfg, self.device, self.identity)
+        return self._encoder
+
+    def enable_masks(self) -> None:
+        """Build the whole HQ-SAM model (not the encoder alone) when the encoder is first needed."""
+        if self._encoder is not None and self._prompter is None:
+            raise RuntimeError("enable_masks() must come before the first image is encoded")
+        self.with_masks = True
+
+    @property
+    def prompter(self) -> BoxPrompter:
+        """HQ-SAM's mask decoder on the same encoder (needs `with_masks=True`)."""
+        if not self.with_masks:
+            raise RuntimeError("create the refiner with with_masks=True to prompt HQ-SAM")
+        _ = self.encoder
+        assert self._prompter is not None
+        return self._prompter
+
+    def _verified_hqsam_checkpoint(self) -> str | None:
+        """The HQ-SAM checkpoint whose encoder made the training features (None: the seeded random
+        weights of a demo run), or a one-line error when it cannot be had."""
+        trained = self.identity
+        if trained.weights.startswith("random-init"):
+            here = encoder_identity(HQSAMConfig(model_type=trained.model_type, allow_random_init=True))
+            if here.weights != trained.weights:
+                raise EncoderError(f"the refiner was trained on random-weight features ({trained.weights}); this "
+                                   f"machine draws other random weights ({here.weights}); train the demo again here")
+            return None
+        if not self.hqsam_checkpoint:
+            raise EncoderError(f"features of some images are not cached and the refiner's HQ-SAM checkpoint is "
+                               f"unknown: pass --hqsam-checkpoint (the {trained.model_type} file with sha256 "
+                               f"{trained.weights[:12]}...)")
+        if not Path(self.hqsam_checkpoint).is_file():
+            raise EncoderError(f"hqsam checkpoint '{self.hqsam_checkpoint}' does not exist (pass --hqsam-checkpoint)")
+        memo = self.cache_dir if self.cache_dir is not None and self.cache_dir.is_dir() else None
+        digest = file_sha256(self.hqsam_checkpoint, memo)
+        if digest != trained.weights:
+            raise EncoderError(f"hqsam checkpoint '{self.hqsam_checkpoint}' (sha256 {digest[:12]}...) is not the one the "
+                               f"refiner was trained with (sha256 {trained.weights[:12]}...)")
+        return self.hqsam_checkpoint
+
+    # --- refinement -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def refine_features(self, embedding: torch.Tensor, width: int, height: int, boxes) -> Refinement:
+        """Refine `boxes` ((N, 4) xyxy pixels of a `width` x `height` image) on its embedding; each box
+        stops on its own once its largest correction falls below `stop_threshold`."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if not np.isfinite(boxes).all() or (boxes[:, 2] <= boxes[:, 0]).any() or (boxes[:, 3] <= boxes[:, 1]).any():
+            raise ValueError("boxes must be finite xyxy with x1 > x0 and y1 > y0")
+        longest = float(max(width, height))
+        extent = torch.tensor([[width / longest, height / longest]], dtype=torch.float32)
+        normalised = torch.from_numpy(boxes / longest).float()
+        features = embedding.to(self.device, torch.float32)[None]
+        steps = []
+        for chunk in normalised.split(_BOX_CHUNK):
+            n = len(chunk)
+            iterations = self.model(features.expand(n, -1, -1, -1), chunk.to(self.device),
+                                    extent.expand(n, 2).to(self.device), stop_threshold=self.stop_threshold)
+            steps.append(torch.stack(iterations).cpu())
+        path = (torch.cat(steps, dim=1) if steps else torch.zeros(self.model.max_iter, 0, 4)).double() * longest
+        before = torch.cat([torch.from_numpy(boxes)[None], path[:-1]])
+        moved = (path != before).any(dim=-1).sum(dim=0)
+        return Refinement(path[-1].numpy(), path.numpy(), moved.numpy())
+
+    def refine(self, image: str | Path, boxes) -> Refinement:
+        """Refine boxes (xyxy pixels, after EXIF orientation) on one image file."""
+        item = next(self.image_features([image]))
+        if item.error:
+            raise FileNotFoundError(f"{image}: {item.error.replace('_', ' ')}")
+        return self.refine_features(item.embedding, item.width, item.height, boxes)

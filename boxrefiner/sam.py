@@ -1,0 +1,107 @@
+"""HQ-SAM's whole model (image encoder, prompt encoder, HQ mask decoder), prompted with boxes.
+
+The registry builders of `segment-anything-hq` fix the input at 1024 and load checkpoints leniently
+(see encoder.py). Here the model is built at the refiner's input size around the same image encoder
+the features come from, and every tensor of the checkpoint is loaded strictly. Masks come from
+`SamPredictor.predict_torch` itself: the predictor is only handed embeddings that were computed in
+batches instead of one `set_image` call per image (the result is the same; a test checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .encoder import (EMBED_DIM, PATCH, PIXEL_MEAN, PIXEL_STD, RANDOM_INIT_SEED, EncoderError, _hq_modeling,
+                      _VIT_ARGS, build_image_encoder, load_strictly, read_sam_state, resized_shape, submodule_state)
+
+log = logging.getLogger(__name__)
+_TINY_VIT_DIM = 160  # TinyViT's early-layer width, read by the HQ decoder
+
+
+class MaskDecoderUnavailable(EncoderError):
+    """The checkpoint has no HQ-SAM mask decoder (a plain SAM file, say); one-line message."""
+
+
+def build_sam_hq(model_type: str, input_size: int = 1024):
+    """The whole HQ-SAM model, random weights, eval mode; the image encoder is built first, so that under
+    a fixed seed it gets exactly the weights `encoder.build_encoder` gives (the refiner's features)."""
+    modeling = _hq_modeling()
+    image_encoder = build_image_encoder(model_type, input_size)
+    grid = input_size // PATCH
+    vit_dim = _TINY_VIT_DIM if model_type == "vit_tiny" else _VIT_ARGS[model_type][0]
+    sam = modeling.Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=modeling.PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(grid, grid),
+                                              input_image_size=(input_size, input_size), mask_in_chans=16),
+        mask_decoder=modeling.MaskDecoderHQ(
+            num_multimask_outputs=3, transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM,
+                                                                           mlp_dim=2048, num_heads=8),
+            transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256, vit_dim=vit_dim),
+        pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+    sam.eval()
+    sam.requires_grad_(False)
+    return sam
+
+
+def load_sam_hq(model_type: str, input_size: int, checkpoint: str | None):
+    """HQ-SAM with every weight from `checkpoint`, or (None) with seeded random weights, loudly."""
+    if checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            sam = build_sam_hq(model_type, input_size)
+        log.warning("HQ-SAM %s (encoder and mask decoder) has RANDOM, UNTRAINED weights: its features and masks mean "
+                    "nothing; demos and tests only",
+                    model_type)
+        return sam
+    state = read_sam_state(checkpoint)
+    sam = build_sam_hq(model_type, input_size)
+    load_strictly(sam.image_encoder, submodule_state(state, "image_encoder"), model_type, checkpoint)
+    decoder_state = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+    expected = [k for k in sam.state_dict() if k.startswith(("prompt_encoder.", "mask_decoder."))]
+    missing = [k for k in expected if k not in decoder_state]
+    if missing:
+        raise MaskDecoderUnavailable(f"hqsam.checkpoint '{checkpoint}' has no HQ-SAM mask decoder ({len(missing)} keys "
+                                     f"missing, e.g. {missing[0]}): masks need an HQ-SAM checkpoint such as "
+                                     "sam_hq_vit_h.pth")
+    rest = torch.nn.ModuleDict({"prompt_encoder": sam.prompt_encoder, "mask_decoder": sam.mask_decoder})
+    load_strictly(rest, decoder_state, model_type, checkpoint, part="prompt encoder / mask decoder")
+    log.info("HQ-SAM %s mask decoder loaded from %s", model_type, checkpoint)
+    return sam
+
+
+class BoxPrompter:
+    """Masks from HQ-SAM prompted with boxes, on embeddings computed beforehand (in batches)."""
+
+    def __init__(self, sam, device: torch.device, hq_token_only: bool = False):
+        _hq_modeling()  # imports the package quietly; the import below then prints nothing
+        from segment_anything_hq import SamPredictor
+        self.predictor = SamPredictor(sam.to(device))
+        self.input_size = sam.image_encoder.img_size
+        self.hq_token_only = hq_token_only
+
+    @torch.inference_mode()
+    def masks(self, embedding: torch.Tensor, interm: torch.Tensor, height: int, width: int,
+              boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks (N, height, width) and HQ-SAM's predicted IoU (N,) for `boxes` (N, 4) xyxy
+        pixels, exactly as `SamPredictor.set_image` + `predict(box=..., multimask_output=False)`."""
+        p = self.predictor
+        p.features = embedding[None].to(p.device)
+        p.interm_features = [interm[None].to(p.device)]
+        p.original_size = (height, width)
+        p.input_size = resized_shape(height, width, self.input_size)
+        p.is_image_set = True
+        prompts = p.transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float, device=p.device),
+                                                (height, width))
+        masks, scores, _ = p.predict_torch(None, None, boxes=prompts, multimask_output=False,
+                                           hq_token_only=self.hq_token_only)
+        p.reset_image()
+        return masks[:, 0].cpu().numpy(), scores[:, 0].float().cpu().numpy()
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks of one image (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0

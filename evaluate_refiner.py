@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Measure a trained refiner on a labelled split (box IoU before/after, HQ-SAM mask IoU):
+python evaluate_refiner.py --checkpoint checkpoints/demo/best_model.pth"""
+
+import sys
+
+from boxrefiner.evaluation import main
+
+if __name__ == "__main__":
+    sys.exit(main())
