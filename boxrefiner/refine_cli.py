@@ -79,6 +79,7 @@ def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: 
                     row["mask"], row["mask_score"] = str(path), round(float(scores[k]), 4)
             report.refined += len(group)
             report.images += 1
+    report.problems.sort()
     for index, reason in report.problems:
         if isinstance(report.rows[index], dict):
             report.rows[index]["refine_error"] = reason

@@ -160,8 +160,9 @@ class BoxRefiner:
             pending.append(item)
         if not pending:
             return
+        workers = self.num_workers if len(pending) > self.batch_size else 0  # a few images: no worker start-up
         loader = make_loader(ImageDataset([p.path for p in pending], self.identity.input_size), self.batch_size,
-                             self.num_workers, self.device, collate_fn=collate_images, persistent=False)
+                             workers, self.device, collate_fn=collate_images, persistent=False)
         encoder = self.encoder
         for positions, images, bad in loader:
             for position in bad:

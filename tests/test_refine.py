@@ -98,6 +98,16 @@ def test_iterations_and_per_box_early_stop(trained, val_images, detections):
         refiner.refine(image, [[50, 10, 20, 40]])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refiner_on_cuda_gives_the_cpu_boxes(trained, val_images, detections):
+    checkpoint, _, _ = trained
+    boxes = {}
+    for device in ("cpu", "cuda"):
+        refiner = BoxRefiner.from_checkpoint(checkpoint, device=device, num_workers=0)
+        boxes[device] = [refiner.refine(val_images / r["file_name"], [r["bbox"]]).boxes for r in detections]
+    np.testing.assert_allclose(np.concatenate(boxes["cuda"]), np.concatenate(boxes["cpu"]), atol=0.05)
+
+
 def test_cli_keeps_every_row_and_field_and_matches_the_api(trained, val_images, detections, tmp_path):
     checkpoint, _, _ = trained
     rows = [dict(r, extra={"track": i}, note="kept") for i, r in enumerate(detections[:3])]
