@@ -282,3 +282,18 @@ def test_simulated_detections_are_noisy_ground_truth(synthetic_root):
     from boxrefiner.boxes import box_iou
     iou = box_iou(torch.tensor([r["bbox"] for r in rows]), torch.tensor([truth[r["file_name"]] for r in rows]))
     assert 0.3 < iou.mean() < 0.95
+
+
+def test_evaluating_detections_equals_scoring_their_refine_boxes_output(trained, val_images, detections, tmp_path):
+    checkpoint, _, _ = trained
+    refine_cli(checkpoint, val_images, detections, tmp_path)
+    reports = []
+    for flag, path in (("--detections", tmp_path / "in.json"), ("--refined", tmp_path / "out.json")):
+        out = tmp_path / f"report{flag}.json"
+        assert evaluate_main(["--checkpoint", str(checkpoint), flag, str(path), "--num-workers", "0",
+                              "--output", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["mask"] is None and reports[0]["mask_decoder"] == "not used"  # random weights: off by default
+    for key, value in reports[0]["box"].items():
+        assert reports[1]["box"][key] == pytest.approx(value, abs=1e-3), key  # the file rounds to 2 decimals
+    assert reports[0]["box"]["iou_refined"] != pytest.approx(reports[0]["box"]["iou_input"], abs=1e-3)
