@@ -25,6 +25,7 @@ import torch
 from .config import Config, load_config, replace
 from .engine import Targets, amp_precision, build_model, build_optimization, prepare_splits, seed_everything, train, train_one_epoch
 from .features import FeatureBatches, FeatureSources
+from .fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         result["fp16_storage"] = fp16_storage_error(cfg)
         print(json.dumps(result, indent=1))
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+            write_json(args.json, result)
         return 0
 
     return run_command(run)

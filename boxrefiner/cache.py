@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from .encoder import EMBED_DIM, PATCH, EncoderIdentity
-from .fileio import atomic_write
+from .fileio import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,7 @@ class FeatureCache:
                             "storage_dtype": self.dtype.name, "shape": list(self.shape)})
             encoder.setdefault("entries", {}).update(entries)
             manifest["version"] = 1
-            text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-            atomic_write(self.dir / MANIFEST, lambda f: f.write(text))
+            write_json(self.dir / MANIFEST, manifest, sort_keys=True)
 
     def census(self) -> tuple[int, int, int]:
         """Entry files on disk: (this encoder's, other encoders', not in the manifest)."""
@@ -220,6 +219,5 @@ def clear_cache(cache_dir: str | Path, tag: str | None = None) -> tuple[int, int
                     path.unlink()
                     files += 1
             if (folder / MANIFEST).exists():
-                text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-                atomic_write(folder / MANIFEST, lambda f: f.write(text))
+                write_json(folder / MANIFEST, manifest, sort_keys=True)
     return files, size

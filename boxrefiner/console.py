@@ -29,7 +29,7 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def setup_logging(log_dir: str | None = None, log_name: str = "train.log") -> None:
+def setup_logging(log_dir: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)
@@ -38,7 +38,7 @@ def setup_logging(log_dir: str | None = None, log_name: str = "train.log") -> No
     root.addHandler(console)
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(Path(log_dir) / log_name, encoding="utf-8")
+        file = logging.FileHandler(Path(log_dir) / "train.log", encoding="utf-8")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file)
 

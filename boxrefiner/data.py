@@ -34,6 +34,8 @@ _SPLITS = {
     "test": (("ClosedSet-Test", "Test"), "test", "TestMasks"),
 }
 _EXIF_ORIENTATION = 0x0112
+# What decoding a broken, truncated or absurdly large image raises (PIL's bomb check is a plain Exception).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -173,7 +175,7 @@ def readable(path: Path) -> bool:
     try:
         load_rgb(path)
         return True
-    except (OSError, ValueError, SyntaxError):
+    except DECODE_ERRORS:
         return False
 
 
@@ -221,7 +223,7 @@ def load_split(cfg: DataConfig, split: str, *, sample_ratio: float | None = None
             continue
         try:
             width, height = oriented_size(path)
-        except OSError:
+        except DECODE_ERRORS:
             result.skip(name, "unreadable_image")
             continue
         sx, sy = width / mask_w, height / mask_h

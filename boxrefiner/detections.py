@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write
 
 BOX_FORMATS = ("xyxy", "xywh")
 
@@ -92,6 +91,3 @@ def parse_detections(rows: list[Any], box_format: str) -> tuple[list[Detection],
     return detections, problems
 
 
-def write_detections(path: str | Path, rows: list[Any]) -> None:
-    text = json.dumps(rows, indent=1).encode()
-    atomic_write(path, lambda f: f.write(text))

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from .config import HQSAMConfig
-from .fileio import atomic_write
+from .fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ PATCH = 16
 # Bump when preprocessing changes: it is part of every cache key.
 PREPROCESS_VERSION = "pil-bilinear-longest-side-v1"
 RANDOM_INIT_SEED = 0
-_VIT_ARGS = {  # embed_dim, depth, num_heads, global_attn_indexes (segment_anything_hq.build_sam)
+VIT_ARGS = {  # embed_dim, depth, num_heads, global_attn_indexes (segment_anything_hq.build_sam)
     "vit_b": (768, 12, 12, (2, 5, 8, 11)),
     "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
@@ -46,7 +46,7 @@ class EncoderError(ValueError):
     """The encoder cannot be built as configured (missing or wrong checkpoint); one-line message."""
 
 
-def _hq_modeling():
+def hq_modeling():
     """Import segment_anything_hq's modeling quietly (timm prints deprecation and registry warnings)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Importing from timm")
@@ -57,7 +57,7 @@ def _hq_modeling():
 
 
 def _tiny_vit_class():
-    TinyViT = _hq_modeling().TinyViT
+    TinyViT = hq_modeling().TinyViT
 
     class TinyViTAnySize(TinyViT):
         """TinyViT whose `forward_features` uses its own grid size instead of the hard-coded 64."""
@@ -83,9 +83,9 @@ def build_image_encoder(model_type: str, input_size: int = 1024) -> nn.Module:
             img_size=input_size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
             num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
             use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8)
-    elif model_type in _VIT_ARGS:
-        dim, depth, heads, global_idx = _VIT_ARGS[model_type]
-        encoder = _hq_modeling().ImageEncoderViT(
+    elif model_type in VIT_ARGS:
+        dim, depth, heads, global_idx = VIT_ARGS[model_type]
+        encoder = hq_modeling().ImageEncoderViT(
             depth=depth, embed_dim=dim, img_size=input_size, mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=PATCH, qkv_bias=True,
             use_rel_pos=True, global_attn_indexes=global_idx, window_size=14, out_chans=EMBED_DIM)
@@ -166,8 +166,7 @@ def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
             digest.update(chunk)
     memo[memo_key] = digest.hexdigest()
     if memo_file:
-        text = json.dumps(memo, indent=1).encode()
-        atomic_write(memo_file, lambda f: f.write(text))
+        write_json(memo_file, memo)
     return memo[memo_key]
 
 

@@ -8,7 +8,7 @@ end goal: better boxes are worth something only if they give better masks).
 Input boxes are one of
 - the ground truth jittered with the run's `data.box_noise` and `evaluation.noise_seed` (default; on
   the validation split this repeats the trainer's validation numbers),
-- a detector's boxes (`--detections`), refined here, or
+- a detector's boxes (`--detections`), refined here exactly as refine_boxes.py does, or
 - refine_boxes.py's output (`--refined`), scored as written: `bbox_input` versus `bbox`.
 A split image holds one object, so every box of an image is scored against that image's truth.
 """
@@ -16,7 +16,6 @@ A split image holds one object, so every box of an image is scored against that 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -27,12 +26,13 @@ import torch
 
 from .boxes import box_iou, iou_summary
 from .config import replace
-from .console import non_negative_int, positive_int, run_command, setup_logging
+from .console import run_command, setup_logging
 from .data import SplitData, ground_truth_mask, load_split, read_masks, split_paths
 from .detections import BOX_FORMATS, DetectionsError, parse_detections, read_detections, to_xyxy
 from .engine import Targets, validation_inputs
-from .fileio import atomic_write
+from .fileio import write_json
 from .progress import progress
+from .refine_cli import add_refiner_arguments, load_refiner, refine_rows
 from .refiner import BoxRefiner, ImageFeatures
 from .sam import mask_iou
 
@@ -55,8 +55,8 @@ def jittered_cases(refiner: BoxRefiner, split: SplitData) -> list[Case]:
     return [Case(i, box.numpy()) for i, box in enumerate(inputs * longest[:, None])]
 
 
-def cases_from_rows(rows: list, split: SplitData, box_format: str, refined: bool) -> tuple[list[Case], Counter]:
-    """Cases from detections (or, with `refined`, from refine_boxes.py's output); what was left out."""
+def cases_from_rows(rows: list, split: SplitData, box_format: str) -> tuple[list[Case], Counter]:
+    """Cases from refine_boxes.py's output rows; and what was left out, by reason."""
     index = {s.file_name: i for i, s in enumerate(split.samples)}
     detections, problems = parse_detections(rows, box_format)
     skipped = Counter("malformed_row" for _ in problems)
@@ -66,11 +66,8 @@ def cases_from_rows(rows: list, split: SplitData, box_format: str, refined: bool
             skipped["not_in_split"] += 1
             continue
         row = rows[detection.row]
-        if not refined:
-            cases.append(Case(index[detection.file_name], np.array(detection.box)))
-            continue
-        if "bbox_input" not in row:
-            skipped["not_refined"] += 1  # refine_boxes.py could not refine it (refine_error)
+        if "refine_error" in row or "bbox_input" not in row:
+            skipped["not_refined"] += 1  # refine_boxes.py could not refine it
             continue
         try:
             before = to_xyxy(row["bbox_input"], box_format)
@@ -113,7 +110,7 @@ def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], mas
             if masks_file is not None:
                 gt = ground_truth_mask(mask_rows[sample.file_name], item.width, item.height)
                 for boxes, out in ((inputs, mask_before), (refined, mask_after)):
-                    predicted, _ = refiner.prompter.masks(*item.sam_features, item.height, item.width, boxes)
+                    predicted, _ = refiner.prompter.masks(*item.sam_features, item.width, item.height, boxes)
                     out.append(torch.tensor([mask_iou(m, gt) for m in predicted], dtype=torch.float64))
     if not box_before:
         raise DetectionsError(f"nothing to evaluate on split '{split.split}' (left out: {dict(skipped) or 'none'})")
@@ -143,7 +140,7 @@ def format_report(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Measure a trained box refiner on a labelled split.")
-    parser.add_argument("--checkpoint", required=True, help="refiner checkpoint (best_model.pth or last.pth)")
+    add_refiner_arguments(parser)
     parser.add_argument("--split", default=None, help="split to measure (default: the run's data.val_split)")
     parser.add_argument("--data-root", help="FungiTastic root (default: the run's data.data_root)")
     source = parser.add_mutually_exclusive_group()
@@ -152,12 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--box-format", choices=BOX_FORMATS, default="xyxy", help="bbox layout of those files")
     parser.add_argument("--mask-iou", action=argparse.BooleanOptionalAction, default=None,
                         help="prompt HQ-SAM with both boxes and compare masks with the truth (default: on with a "
-                             "real HQ-SAM checkpoint, off with random weights)")
-    parser.add_argument("--hqsam-checkpoint", help="HQ-SAM checkpoint (default: the training run's hqsam.checkpoint)")
-    parser.add_argument("--cache-dir", help="feature cache to read (default: the training run's)")
-    parser.add_argument("--batch-size", type=positive_int, help="images per encoder batch")
-    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="image-decoding workers")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+                             "real HQ-SAM checkpoint that can be found, off with random weights)")
     parser.add_argument("--output", help="also write the report as JSON here")
     return parser
 
@@ -165,37 +157,44 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    refiner = BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
-                                         cache_dir=args.cache_dir, batch_size=args.batch_size,
-                                         num_workers=args.num_workers)
+    refiner = load_refiner(args)
     random_weights = refiner.identity.weights.startswith("random-init")
-    masks = args.mask_iou if args.mask_iou is not None else not random_weights
-    if args.mask_iou is None and random_weights:
-        log.info("mask IoU skipped: HQ-SAM's weights are random here, so its masks mean nothing (--mask-iou forces it)")
-    if masks:
+    mask_iou = args.mask_iou
+    if mask_iou is None:
+        found = bool(refiner.hqsam_checkpoint) and Path(refiner.hqsam_checkpoint).is_file()
+        mask_iou = not random_weights and found
+        if random_weights:
+            log.info("mask IoU skipped: HQ-SAM's weights are random here, so its masks mean nothing (--mask-iou forces it)")
+        elif not found:
+            log.warning("mask IoU skipped: the HQ-SAM checkpoint '%s' is not there (pass --hqsam-checkpoint)",
+                        refiner.hqsam_checkpoint)
+    if mask_iou:
         refiner.enable_masks()
-    data = refiner.cfg.data if not args.data_root else replace(refiner.cfg, "data", data_root=args.data_root).data
+    data = refiner.cfg.data  # another root has its own masks files, not the run's data.masks_file
+    if args.data_root:
+        data = replace(refiner.cfg, "data", data_root=args.data_root, masks_file=None).data
     split_name = args.split or data.val_split
     split = load_split(data, split_name)
     log.info("split '%s': %d labelled images%s", split_name, len(split.samples),
              "".join(f", {n} {r}" for r, n in sorted(split.skipped.items())))
     if args.detections or args.refined:
         rows = read_detections(args.detections or args.refined)
-        cases, skipped = cases_from_rows(rows, split, args.box_format, refined=bool(args.refined))
+        if args.detections:
+            rows = refine_rows(refiner, rows, split_paths(data, split_name)[1], args.box_format).rows
+        cases, skipped = cases_from_rows(rows, split, args.box_format)
         source = f"{'refine_boxes.py output' if args.refined else 'detections'} {args.detections or args.refined}"
     else:
         cases, skipped = jittered_cases(refiner, split), Counter()
         noise = refiner.cfg.data.box_noise
         source = (f"ground truth jittered (center_std {noise.center_std}, scale_std {noise.scale_std}, "
                   f"seed {refiner.cfg.evaluation.noise_seed})")
-    report = evaluate_cases(refiner, split, cases, split_paths(data, split_name)[2] if masks else None)
+    report = evaluate_cases(refiner, split, cases, split_paths(data, split_name)[2] if mask_iou else None)
     report["skipped"] = dict(Counter(report["skipped"]) + skipped)
     report.update(inputs=source, checkpoint=str(args.checkpoint),
-                  mask_decoder=("not used" if not masks else "random weights" if random_weights else "HQ-SAM checkpoint"))
+                  mask_decoder=("not used" if not mask_iou else "random weights" if random_weights else "HQ-SAM checkpoint"))
     print(format_report(report))
     if args.output:
-        text = json.dumps(report, indent=1).encode()
-        atomic_write(args.output, lambda f: f.write(text))
+        write_json(args.output, report)
         log.info("report written to %s", args.output)
     return 0
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .cache import FeatureCache, file_digest
 from .config import Config
-from .data import DataError, Sample, SplitData, drop_unreadable, load_rgb, readable
+from .data import DECODE_ERRORS, DataError, Sample, SplitData, drop_unreadable, load_rgb, readable
 from .encoder import EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, preprocess
 from .progress import progress
 
@@ -41,7 +41,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
         try:
             return index, preprocess(load_rgb(self.paths[index]), self.input_size)
-        except (OSError, ValueError, SyntaxError):  # truncated or corrupt: an empty tensor, dropped by the caller
+        except DECODE_ERRORS:  # truncated or corrupt: an empty tensor, dropped by the caller
             log.warning("cannot decode %s; skipping it", self.paths[index])
             return index, torch.empty(0)
 

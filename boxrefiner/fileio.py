@@ -3,10 +3,11 @@ mid-write) see either the old file or the complete new one, never a torn one."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable: bool = False) -> None:
@@ -32,3 +33,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: str | Path, value: Any, sort_keys: bool = False) -> None:
+    """JSON (indented, for people and tools), written atomically."""
+    text = json.dumps(value, indent=1, sort_keys=sort_keys).encode()
+    atomic_write(path, lambda f: f.write(text))

@@ -14,7 +14,6 @@ cache included: the feature_cache variant really starts cold, and the user's cac
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 import platform
@@ -28,6 +27,7 @@ import torch
 
 from .benchmark import head_only_seconds, isolated_outputs
 from .config import Config, config_from_dict, replace
+from .fileio import write_json
 
 VARIANTS = ("baseline", "feature_cache", "sampling", "amp", "combined")
 TARGETS = {"cache_speedup_min": 30.0, "iou_loss_change_pp_max": 0.5}
@@ -201,7 +201,7 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "benchmark_results.json", "table": out_dir / "benchmark_results.md",
              "chart": out_dir / "benchmark_results.png"}
-    paths["json"].write_text(json.dumps(result, indent=1))
+    write_json(paths["json"], result)
     paths["table"].write_text(markdown_table(result) + "\n")
     write_chart(result, paths["chart"])
     return paths

@@ -5,8 +5,9 @@
 
 The output is the input list, in order, every field kept: refined rows get the refined `bbox` (in
 the input's format), `bbox_input` (the original) and `refine_steps`; with `--masks`, also `mask` (the
-PNG written) and `mask_score` (HQ-SAM's predicted IoU). Rows that could not be refined keep their
-`bbox` and get `refine_error` (missing_image, unreadable_image, a malformed bbox, ...).
+PNG written) and `mask_score` (HQ-SAM's predicted IoU). Object rows that could not be refined keep
+their `bbox` and get `refine_error` (missing_image, unreadable_image, a malformed bbox, ...); rows
+that are not objects are kept as they are.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import numpy as np
 from PIL import Image
 
 from .console import non_negative_int, positive_int, run_command, setup_logging
-from .detections import BOX_FORMATS, Detection, DetectionsError, from_xyxy, parse_detections, read_detections, \
-    write_detections
-from .fileio import atomic_write
+from .detections import BOX_FORMATS, Detection, DetectionsError, from_xyxy, parse_detections, read_detections
+from .fileio import atomic_write, write_json
 from .progress import progress
 from .refiner import STORE_SPLIT, BoxRefiner
 
 log = logging.getLogger("boxrefiner")
 _LOGGED_PROBLEMS = 20
+_OUTPUT_FIELDS = ("bbox_input", "refine_steps", "mask", "mask_score", "refine_error")  # written here
+_IMAGE_ERRORS = ("missing_image", "unreadable_image")
 
 
 @dataclass
@@ -48,7 +50,11 @@ def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: 
     for detection in detections:
         by_image.setdefault(detection.file_name, []).append(detection)
     names = list(by_image)
-    report = RefineReport([dict(r) if isinstance(r, dict) else r for r in rows], problems=problems)
+    if masks is not None:
+        refiner.enable_masks()
+    # a file written by an earlier run may come back as input: its results must not survive a failure now
+    report = RefineReport([{k: v for k, v in r.items() if k not in _OUTPUT_FIELDS} if isinstance(r, dict) else r
+                           for r in rows], problems=problems)
     with progress(total=len(names), desc="Refining", unit="img") as bar:
         for item in refiner.image_features([images / name for name in names], for_masks=masks is not None):
             bar.update(1)
@@ -58,20 +64,19 @@ def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: 
                 continue
             boxes = np.array([d.box for d in group])
             inside = (boxes[:, 0] < item.width) & (boxes[:, 1] < item.height) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
-            report.problems += [(d.row, f"bbox lies outside the {item.width}x{item.height} image")
+            report.problems += [(d.row, f"outside_image: bbox lies outside the {item.width}x{item.height} image")
                                 for d, ok in zip(group, inside) if not ok]
             group = [d for d, ok in zip(group, inside) if ok]
             if not group:
                 continue
             result = refiner.refine_features(item.embedding, item.width, item.height, boxes[inside])
             if masks is not None:
-                predicted, scores = refiner.prompter.masks(*item.sam_features, item.height, item.width, result.boxes)
+                predicted, scores = refiner.prompter.masks(*item.sam_features, item.width, item.height, result.boxes)
             for k, detection in enumerate(group):
                 row = report.rows[detection.row]
                 row["bbox_input"] = rows[detection.row]["bbox"]
                 row["bbox"] = from_xyxy(result.boxes[k], box_format)
                 row["refine_steps"] = int(result.steps[k])
-                row.pop("refine_error", None)
                 if masks is not None:
                     path = masks / f"{detection.row:06d}_{Path(detection.file_name).stem}.png"
                     picture = Image.fromarray(predicted[k].astype(np.uint8) * 255)
@@ -86,22 +91,33 @@ def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: 
     return report
 
 
+def add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a refiner."""
+    parser.add_argument("--checkpoint", required=True, help="refiner checkpoint (best_model.pth or last.pth)")
+    parser.add_argument("--hqsam-checkpoint", help="HQ-SAM checkpoint (default: the training run's hqsam.checkpoint)")
+    parser.add_argument("--cache-dir", help="feature cache to read (default: the training run's)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per encoder batch (default: the run's hqsam.batch_size)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="image-decoding workers")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def load_refiner(args: argparse.Namespace, **options: Any) -> BoxRefiner:
+    return BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
+                                      cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                      num_workers=args.num_workers, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Refine detector boxes with a trained box refiner (and prompt HQ-SAM).")
-    parser.add_argument("--checkpoint", required=True, help="refiner checkpoint (best_model.pth or last.pth)")
+    add_refiner_arguments(parser)
     parser.add_argument("--images", required=True, type=Path, help="folder the detections' file_name values are in")
     parser.add_argument("--detections", required=True, help="JSON list of {file_name, bbox, [score], ...}")
     parser.add_argument("--output", required=True, help="JSON to write: the same list with refined bbox + bbox_input")
     parser.add_argument("--box-format", choices=BOX_FORMATS, default="xyxy", help="bbox layout, in and out")
     parser.add_argument("--masks", type=Path, help="also prompt HQ-SAM with each refined box; write PNG masks here")
-    parser.add_argument("--hqsam-checkpoint", help="HQ-SAM checkpoint (default: the training run's hqsam.checkpoint)")
-    parser.add_argument("--cache-dir", help="feature cache to read (default: the training run's)")
     parser.add_argument("--no-cache", action="store_true", help="always run the encoder")
     parser.add_argument("--store-features", action="store_true",
                         help=f"keep features computed here in the cache (folder '{STORE_SPLIT}')")
-    parser.add_argument("--batch-size", type=positive_int, help="images per encoder batch (default: the run's hqsam.batch_size)")
-    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="image-decoding workers")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     return parser
 
 
@@ -111,26 +127,24 @@ def run(argv: list[str] | None = None) -> int:
     rows = read_detections(args.detections)
     if not args.images.is_dir():
         raise DetectionsError(f"--images '{args.images}' is not a folder")
-    refiner = BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
-                                         cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                                         store_features=args.store_features, with_masks=args.masks is not None,
-                                         batch_size=args.batch_size, num_workers=args.num_workers)
+    refiner = load_refiner(args, read_cache=not args.no_cache, store_features=args.store_features)
     report = refine_rows(refiner, rows, args.images, args.box_format, args.masks)
-    write_detections(args.output, report.rows)
-    reasons = Counter(reason if reason in ("missing_image", "unreadable_image") else "bad_row"
+    write_json(args.output, report.rows)
+    reasons = Counter(reason.split(":")[0] if reason.split(":")[0] in (*_IMAGE_ERRORS, "outside_image") else "bad_row"
                       for _, reason in report.problems)
+    summary = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
     for index, reason in report.problems[:_LOGGED_PROBLEMS]:
         log.warning("row %d: %s", index, reason)
     if len(report.problems) > _LOGGED_PROBLEMS:
         log.warning("... and %d more rows not refined (each has 'refine_error' in %s)",
                     len(report.problems) - _LOGGED_PROBLEMS, args.output)
     log.info("refined %d of %d detections on %d images (features: %d from the cache, %d encoded); not refined: %s; "
-             "wrote %s%s", report.refined, len(rows), report.images, refiner.cache_hits, refiner.encoded,
-             ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none", args.output,
-             f" and {report.refined} masks in {args.masks}" if args.masks else "")
+             "wrote %s%s", report.refined, len(rows), report.images, refiner.cache_hits, refiner.encoded, summary,
+             args.output, f" and {report.refined} masks in {args.masks}" if args.masks else "")
     if rows and not report.refined:
-        raise DetectionsError(f"none of the {len(rows)} detections could be refined "
-                              f"({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))}); is --images right?")
+        hint = ("; is --images right?" if reasons["missing_image"] else
+                "; is --box-format right?" if reasons["bad_row"] else "")
+        raise DetectionsError(f"none of the {len(rows)} detections could be refined ({summary}){hint}")
     return 0
 
 

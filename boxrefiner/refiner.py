@@ -27,8 +27,9 @@ from .cache import FeatureCache, file_digest
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, HQSAMConfig, config_from_dict
 from .console import resolve_device
-from .data import oriented_size
-from .encoder import EncoderError, EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, file_sha256
+from .data import DECODE_ERRORS, oriented_size
+from .encoder import (PREPROCESS_VERSION, EncoderError, EncoderIdentity, ImageEncoder, build_encoder, encoder_identity,
+                      file_sha256)
 from .features import ImageDataset, collate_images, make_loader
 from .model import BoxRefinementModule
 from .sam import BoxPrompter, load_sam_hq
@@ -56,7 +57,6 @@ class ImageFeatures:
     height: int = 0
     embedding: torch.Tensor | None = None  # (256, g, g) float32, values as stored in the cache dtype
     sam_features: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder output as is, for HQ-SAM's decoder
-    cached: bool = False
     error: str | None = None
 
 
@@ -64,8 +64,9 @@ class BoxRefiner:
     """A trained BoxRefinementModule with the encoder and feature cache it was trained with."""
 
     def __init__(self, model: BoxRefinementModule, identity: EncoderIdentity, cfg: Config, device: torch.device,
-                 hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None, store_features: bool = False,
-                 with_masks: bool = False, batch_size: int | None = None, num_workers: int = 2):
+                 hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None, read_cache: bool = True,
+                 store_features: bool = False, with_masks: bool = False, batch_size: int | None = None,
+                 num_workers: int = 2):
         self.model = model.to(device).eval()
         self.identity = identity
         self.cfg = cfg
@@ -75,6 +76,7 @@ class BoxRefiner:
         self.with_masks = with_masks
         self.batch_size = batch_size or cfg.hqsam.batch_size
         self.num_workers = num_workers
+        self.read_cache = read_cache
         self.store_features = store_features
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.storage_dtype = cfg.optimization.feature_cache.storage_dtype
@@ -86,12 +88,14 @@ class BoxRefiner:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "auto",
                         hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None,
-                        use_cache: bool = True, store_features: bool = False, with_masks: bool = False,
+                        read_cache: bool = True, store_features: bool = False, with_masks: bool = False,
                         batch_size: int | None = None, num_workers: int = 2) -> "BoxRefiner":
         """Load from a trainer checkpoint (`best_model.pth` or `last.pth`); no config file needed.
 
-        `cache_dir` defaults to the training run's; `hqsam_checkpoint` to the training run's
-        `hqsam.checkpoint` (needed only for images whose features are not cached, or for masks)."""
+        `cache_dir` defaults to the training run's (relative paths from the current folder);
+        `hqsam_checkpoint` to the run's `hqsam.checkpoint`, needed only for images whose features are
+        not cached, and for masks. `read_cache=False` always encodes; `store_features` keeps what was
+        encoded in the cache."""
         state = load_checkpoint(path)
         for key in ("model_args", "encoder"):
             if not isinstance(state.get(key), dict):
@@ -101,27 +105,29 @@ class BoxRefiner:
             cfg = config_from_dict(state["config"])
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint '{path}': its saved config is not valid here ({exc})") from None
-        model = BoxRefinementModule(**state["model_args"])
         try:
+            model = BoxRefinementModule(**state["model_args"])
             model.load_state_dict(state["model_state_dict"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint '{path}': weights do not fit its model_args "
-                                  f"({str(exc).splitlines()[0][:200]})") from None
-        identity = EncoderIdentity(**state["encoder"])
+            identity = EncoderIdentity(**state["encoder"])
+        except (TypeError, RuntimeError) as exc:  # another version's keys, or weights of another shape
+            raise CheckpointError(f"checkpoint '{path}': model_args, weights and encoder identity do not fit this "
+                                  f"version of the tool ({str(exc).splitlines()[0][:200]})") from None
         device = device if isinstance(device, torch.device) else resolve_device(device)
         val = state.get("val_iou_refined")
         log.info("refiner %s: epoch %s%s, features of %s, stop threshold %g, on %s", path, state["epoch"],
                  f", val IoU {val:.3f}" if isinstance(val, float) else "", identity.short(),
                  cfg.refinement.stop_threshold, device)
-        if cache_dir is None:
-            cache_dir = cfg.optimization.feature_cache.cache_dir
-        return cls(model, identity, cfg, device, hqsam_checkpoint, cache_dir if use_cache else None, store_features,
-                   with_masks, batch_size, num_workers)
+        cache_dir = Path(cache_dir if cache_dir is not None else cfg.optimization.feature_cache.cache_dir)
+        if read_cache or store_features:
+            log.info("feature cache %s%s", cache_dir.resolve(), "" if cache_dir.is_dir() else
+                     " does not exist: every image will be encoded (--cache-dir points elsewhere)")
+        return cls(model, identity, cfg, device, hqsam_checkpoint, cache_dir, read_cache, store_features, with_masks,
+                   batch_size, num_workers)
 
     # --- features ---------------------------------------------------------------------------------
 
     def _caches(self) -> list[FeatureCache]:
-        if self.cache_dir is None or not self.cache_dir.is_dir():
+        if not self.read_cache or self.cache_dir is None or not self.cache_dir.is_dir():
             return []
         return [FeatureCache(self.cache_dir, folder.name, self.identity, self.storage_dtype)
                 for folder in sorted(self.cache_dir.iterdir()) if folder.is_dir()]
@@ -137,13 +143,17 @@ class BoxRefiner:
         keys: dict[int, str] = {}
         for index, raw in enumerate(paths):
             item = ImageFeatures(index, Path(raw))
-            if not item.path.is_file():
+            try:
+                found = item.path.is_file()
+            except OSError:  # a name too long for the file system, a folder without permission
+                found = False
+            if not found:
                 item.error = "missing_image"
                 yield item
                 continue
             try:
                 item.width, item.height = oriented_size(item.path)
-            except (OSError, ValueError, SyntaxError):
+            except DECODE_ERRORS:
                 item.error = "unreadable_image"
                 yield item
                 continue
@@ -153,7 +163,7 @@ class BoxRefiner:
                 keys[index] = key
                 stored = next((s for s in (c.load(key) for c in caches) if s is not None), None)
                 if stored is not None:
-                    item.embedding, item.cached = torch.from_numpy(stored).float(), True
+                    item.embedding = torch.from_numpy(stored).float()
                     self.cache_hits += 1
                     yield item
                     continue
@@ -171,17 +181,19 @@ class BoxRefiner:
             if not len(positions):
                 continue
             embeddings, interms = encoder.encode_with_interm(images)
+            done = []
             for position, embedding, interm in zip(positions.tolist(), embeddings, interms):
                 item = pending[position]
                 stored = np.ascontiguousarray(embedding.cpu().numpy(), dtype=self.storage_dtype)  # what training saw
                 if store is not None:
                     store.save(keys[item.index], stored)
-                    store.record({keys[item.index]: {"file": str(item.path), "width": item.width,
-                                                     "height": item.height}})
                 item.embedding = torch.from_numpy(stored).float()
                 item.sam_features = (embedding, interm) if for_masks else None
                 self.encoded += 1
-                yield item
+                done.append(item)
+            if store is not None:  # one manifest update per batch
+                store.record({keys[i.index]: {"file": str(i.path), "width": i.width, "height": i.height} for i in done})
+            yield from done
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -218,6 +230,10 @@ class BoxRefiner:
         """The HQ-SAM checkpoint whose encoder made the training features (None: the seeded random
         weights of a demo run), or a one-line error when it cannot be had."""
         trained = self.identity
+        if trained.preprocess != PREPROCESS_VERSION:
+            raise EncoderError(f"the refiner was trained on features preprocessed as '{trained.preprocess}'; this "
+                               f"version preprocesses as '{PREPROCESS_VERSION}', so new features would differ: "
+                               "use cached features only, or train again")
         if trained.weights.startswith("random-init"):
             here = encoder_identity(HQSAMConfig(model_type=trained.model_type, allow_random_init=True))
             if here.weights != trained.weights:
@@ -225,9 +241,9 @@ class BoxRefiner:
                                    f"machine draws other random weights ({here.weights}); train the demo again here")
             return None
         if not self.hqsam_checkpoint:
-            raise EncoderError(f"features of some images are not cached and the refiner's HQ-SAM checkpoint is "
-                               f"unknown: pass --hqsam-checkpoint (the {trained.model_type} file with sha256 "
-                               f"{trained.weights[:12]}...)")
+            need = "HQ-SAM masks need it" if self.with_masks else "features of some images are not cached"
+            raise EncoderError(f"{need}, and the refiner's HQ-SAM checkpoint is unknown: pass --hqsam-checkpoint "
+                               f"(the {trained.model_type} file with sha256 {trained.weights[:12]}...)")
         if not Path(self.hqsam_checkpoint).is_file():
             raise EncoderError(f"hqsam checkpoint '{self.hqsam_checkpoint}' does not exist (pass --hqsam-checkpoint)")
         memo = self.cache_dir if self.cache_dir is not None and self.cache_dir.is_dir() else None
@@ -240,7 +256,7 @@ class BoxRefiner:
     # --- refinement -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def refine_features(self, embedding: torch.Tensor, width: int, height: int, boxes) -> Refinement:
+    def refine_features(self, embedding: torch.Tensor, width: int, height: int, boxes: np.ndarray | list) -> Refinement:
         """Refine `boxes` ((N, 4) xyxy pixels of a `width` x `height` image) on its embedding; each box
         stops on its own once its largest correction falls below `stop_threshold`."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -250,20 +266,22 @@ class BoxRefiner:
         extent = torch.tensor([[width / longest, height / longest]], dtype=torch.float32)
         normalised = torch.from_numpy(boxes / longest).float()
         features = embedding.to(self.device, torch.float32)[None]
-        steps = []
+        chunks = []  # (iterations, boxes of the chunk, 4)
         for chunk in normalised.split(_BOX_CHUNK):
             n = len(chunk)
             iterations = self.model(features.expand(n, -1, -1, -1), chunk.to(self.device),
                                     extent.expand(n, 2).to(self.device), stop_threshold=self.stop_threshold)
-            steps.append(torch.stack(iterations).cpu())
-        path = (torch.cat(steps, dim=1) if steps else torch.zeros(self.model.max_iter, 0, 4)).double() * longest
-        before = torch.cat([torch.from_numpy(boxes)[None], path[:-1]])
-        moved = (path != before).any(dim=-1).sum(dim=0)
-        return Refinement(path[-1].numpy(), path.numpy(), moved.numpy())
+            chunks.append(torch.stack(iterations).cpu())
+        trajectory = torch.cat(chunks, dim=1).double() * longest
+        before = torch.cat([torch.from_numpy(boxes)[None], trajectory[:-1]])
+        moved = (trajectory != before).any(dim=-1).sum(dim=0)
+        return Refinement(trajectory[-1].numpy(), trajectory.numpy(), moved.numpy())
 
-    def refine(self, image: str | Path, boxes) -> Refinement:
+    def refine(self, image: str | Path, boxes: np.ndarray | list) -> Refinement:
         """Refine boxes (xyxy pixels, after EXIF orientation) on one image file."""
         item = next(self.image_features([image]))
+        if item.error == "missing_image":
+            raise FileNotFoundError(f"{image}: no such image file")
         if item.error:
-            raise FileNotFoundError(f"{image}: {item.error.replace('_', ' ')}")
+            raise ValueError(f"{image}: the image does not decode")
         return self.refine_features(item.embedding, item.width, item.height, boxes)

@@ -10,14 +10,19 @@ batches instead of one `set_image` call per image (the result is the same; a tes
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .encoder import (EMBED_DIM, PATCH, PIXEL_MEAN, PIXEL_STD, RANDOM_INIT_SEED, EncoderError, _hq_modeling,
-                      _VIT_ARGS, build_image_encoder, load_strictly, read_sam_state, resized_shape, submodule_state)
+from .encoder import (EMBED_DIM, PATCH, PIXEL_MEAN, PIXEL_STD, RANDOM_INIT_SEED, EncoderError, hq_modeling,
+                      VIT_ARGS, build_image_encoder, load_strictly, read_sam_state, resized_shape, submodule_state)
+
+if TYPE_CHECKING:
+    from segment_anything_hq.modeling import Sam
 
 log = logging.getLogger(__name__)
+_BOX_CHUNK = 16  # boxes decoded together: each mask is upsampled to the full image in float32
 _TINY_VIT_DIM = 160  # TinyViT's early-layer width, read by the HQ decoder
 
 
@@ -25,13 +30,13 @@ class MaskDecoderUnavailable(EncoderError):
     """The checkpoint has no HQ-SAM mask decoder (a plain SAM file, say); one-line message."""
 
 
-def build_sam_hq(model_type: str, input_size: int = 1024):
+def build_sam_hq(model_type: str, input_size: int = 1024) -> "Sam":
     """The whole HQ-SAM model, random weights, eval mode; the image encoder is built first, so that under
     a fixed seed it gets exactly the weights `encoder.build_encoder` gives (the refiner's features)."""
-    modeling = _hq_modeling()
+    modeling = hq_modeling()
     image_encoder = build_image_encoder(model_type, input_size)
     grid = input_size // PATCH
-    vit_dim = _TINY_VIT_DIM if model_type == "vit_tiny" else _VIT_ARGS[model_type][0]
+    vit_dim = _TINY_VIT_DIM if model_type == "vit_tiny" else VIT_ARGS[model_type][0]
     sam = modeling.Sam(
         image_encoder=image_encoder,
         prompt_encoder=modeling.PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(grid, grid),
@@ -46,7 +51,7 @@ def build_sam_hq(model_type: str, input_size: int = 1024):
     return sam
 
 
-def load_sam_hq(model_type: str, input_size: int, checkpoint: str | None):
+def load_sam_hq(model_type: str, input_size: int, checkpoint: str | None) -> "Sam":
     """HQ-SAM with every weight from `checkpoint`, or (None) with seeded random weights, loudly."""
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):
@@ -75,18 +80,18 @@ def load_sam_hq(model_type: str, input_size: int, checkpoint: str | None):
 class BoxPrompter:
     """Masks from HQ-SAM prompted with boxes, on embeddings computed beforehand (in batches)."""
 
-    def __init__(self, sam, device: torch.device, hq_token_only: bool = False):
-        _hq_modeling()  # imports the package quietly; the import below then prints nothing
+    def __init__(self, sam: "Sam", device: torch.device):
+        hq_modeling()  # imports the package quietly; the import below then prints nothing
         from segment_anything_hq import SamPredictor
         self.predictor = SamPredictor(sam.to(device))
         self.input_size = sam.image_encoder.img_size
-        self.hq_token_only = hq_token_only
 
     @torch.inference_mode()
-    def masks(self, embedding: torch.Tensor, interm: torch.Tensor, height: int, width: int,
+    def masks(self, embedding: torch.Tensor, interm: torch.Tensor, width: int, height: int,
               boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boolean masks (N, height, width) and HQ-SAM's predicted IoU (N,) for `boxes` (N, 4) xyxy
-        pixels, exactly as `SamPredictor.set_image` + `predict(box=..., multimask_output=False)`."""
+        pixels of a `width` x `height` image, exactly as `SamPredictor.set_image` +
+        `predict(box=..., multimask_output=False)` (HQ-SAM's default output: SAM's mask + the HQ token's)."""
         p = self.predictor
         p.features = embedding[None].to(p.device)
         p.interm_features = [interm[None].to(p.device)]
@@ -95,10 +100,15 @@ class BoxPrompter:
         p.is_image_set = True
         prompts = p.transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float, device=p.device),
                                                 (height, width))
-        masks, scores, _ = p.predict_torch(None, None, boxes=prompts, multimask_output=False,
-                                           hq_token_only=self.hq_token_only)
+        masks, scores = [], []
+        for chunk in prompts.split(_BOX_CHUNK):
+            predicted, iou, _ = p.predict_torch(None, None, boxes=chunk, multimask_output=False)
+            masks.append(predicted[:, 0].cpu().numpy())
+            scores.append(iou[:, 0].float().cpu().numpy())
         p.reset_image()
-        return masks[:, 0].cpu().numpy(), scores[:, 0].float().cpu().numpy()
+        if not masks:
+            return np.zeros((0, height, width), dtype=bool), np.zeros(0, dtype=np.float32)
+        return np.concatenate(masks), np.concatenate(scores)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

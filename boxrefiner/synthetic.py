@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from .fileio import atomic_write
+from .fileio import atomic_write, write_json
 from .rle import encode_cvat_rle
 
 SUBSET = "FungiTastic-Mini"
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.train} train and {args.val} val images to {root}")
     if args.detections:
         rows = simulated_detections(root, "val", args.center_std, args.scale_std, args.seed)
-        text = json.dumps(rows, indent=1).encode()
-        atomic_write(args.detections, lambda f: f.write(text))
+        write_json(args.detections, rows)
         print(f"wrote {len(rows)} simulated detections to {args.detections}")
     return 0
 

@@ -27,9 +27,11 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tmp_path_factory):
-    """A refiner trained for a few epochs on the synthetic set (features cached under work/features)."""
+    """A refiner trained for a few epochs on the synthetic set (features cached under work/features); its
+    stop threshold is high enough that some boxes stop early, in the trainer's validation and here."""
     work = tmp_path_factory.mktemp("refine")
-    cfg = config_from_dict(small_config(synthetic_root, work, training={"epochs": 4}))
+    cfg = config_from_dict(small_config(synthetic_root, work, training={"epochs": 4},
+                                        refinement={"max_iter": 3, "stop_threshold": 0.02}))
     history = train(cfg, CPU)
     return work / "ckpt" / "last.pth", work, history
 
@@ -71,7 +73,7 @@ def test_cached_and_freshly_encoded_features_give_the_same_boxes(trained, val_im
     checkpoint, _, _ = trained
     row = detections[0]
     cached = BoxRefiner.from_checkpoint(checkpoint, device="cpu", num_workers=0)
-    fresh = BoxRefiner.from_checkpoint(checkpoint, device="cpu", num_workers=0, use_cache=False)
+    fresh = BoxRefiner.from_checkpoint(checkpoint, device="cpu", num_workers=0, read_cache=False)
     a = cached.refine(val_images / row["file_name"], [row["bbox"]])
     b = fresh.refine(val_images / row["file_name"], [row["bbox"]])
     assert (cached.cache_hits, cached.encoded, fresh.cache_hits, fresh.encoded) == (1, 0, 0, 1)
@@ -84,11 +86,14 @@ def test_iterations_and_per_box_early_stop(trained, val_images, detections):
     refiner = BoxRefiner.from_checkpoint(checkpoint, device="cpu", num_workers=0)
     image = val_images / detections[0]["file_name"]
     boxes = [detections[0]["bbox"], [10, 10, 60, 50]]
+    assert refiner.stop_threshold == 0.02  # from the checkpoint
+    steps = [refiner.refine(val_images / d["file_name"], [d["bbox"]]).steps[0] for d in detections]
+    assert min(steps) < 3  # some boxes stop early on their own
     refiner.stop_threshold = 0.0
     full = refiner.refine(image, boxes)
-    assert full.iterations.shape == (2, 2, 4)  # max_iter 2 in the small config
+    assert full.iterations.shape == (3, 2, 4)  # max_iter 3
     np.testing.assert_array_equal(full.boxes, full.iterations[-1])
-    assert full.steps.tolist() == [2, 2]
+    assert full.steps.tolist() == [3, 3]
     refiner.stop_threshold = 10.0  # every box stops after its first step
     early = refiner.refine(image, boxes)
     np.testing.assert_allclose(early.iterations[0], full.iterations[0], atol=1e-4)
@@ -183,7 +188,7 @@ def test_batched_prompting_equals_sam_predictor(synthetic_root):
     embedding, interm = encoder.encode_with_interm(preprocess(image, 256)[None])
     boxes = np.array([[30, 40, 200, 180], [10, 10, 120, 200]], dtype=float)
     height, width = image.shape[:2]
-    masks, scores = BoxPrompter(sam, CPU).masks(embedding[0], interm[0], height, width, boxes)
+    masks, scores = BoxPrompter(sam, CPU).masks(embedding[0], interm[0], width, height, boxes)
     predictor = SamPredictor(sam)
     predictor.set_image(image)
     for k, box in enumerate(boxes):
@@ -207,13 +212,13 @@ def test_hqsam_checkpoint_is_verified_and_needs_a_mask_decoder(trained, val_imag
     image, box = val_images / detections[0]["file_name"], [detections[0]["bbox"]]
 
     def refiner(hqsam, masks=False):
-        return BoxRefiner.from_checkpoint(refiner_file, device="cpu", hqsam_checkpoint=str(hqsam), use_cache=False,
+        return BoxRefiner.from_checkpoint(refiner_file, device="cpu", hqsam_checkpoint=str(hqsam), read_cache=False,
                                           with_masks=masks, num_workers=0)
 
     with pytest.raises(EncoderError, match="is not the one the refiner was trained with"):
         refiner(other).refine(image, box)
     with pytest.raises(EncoderError, match="pass --hqsam-checkpoint"):
-        BoxRefiner.from_checkpoint(refiner_file, device="cpu", use_cache=False, num_workers=0).refine(image, box)
+        BoxRefiner.from_checkpoint(refiner_file, device="cpu", read_cache=False, num_workers=0).refine(image, box)
     assert refiner(real).refine(image, box).boxes.shape == (1, 4)
     item = next(refiner(real, masks=True).image_features([image], for_masks=True))
     assert item.sam_features is not None
@@ -297,3 +302,65 @@ def test_evaluating_detections_equals_scoring_their_refine_boxes_output(trained,
     for key, value in reports[0]["box"].items():
         assert reports[1]["box"][key] == pytest.approx(value, abs=1e-3), key  # the file rounds to 2 decimals
     assert reports[0]["box"]["iou_refined"] != pytest.approx(reports[0]["box"]["iou_input"], abs=1e-3)
+
+
+def test_stored_features_are_found_by_the_next_run(trained, val_images, detections, tmp_path):
+    checkpoint, _, _ = trained
+    image, box = val_images / detections[0]["file_name"], [detections[0]["bbox"]]
+    first = BoxRefiner.from_checkpoint(checkpoint, device="cpu", cache_dir=tmp_path / "c", store_features=True)
+    second = BoxRefiner.from_checkpoint(checkpoint, device="cpu", cache_dir=tmp_path / "c")
+    a, b = first.refine(image, box), second.refine(image, box)
+    assert (first.encoded, second.encoded, second.cache_hits) == (1, 0, 1)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    manifest = json.loads((tmp_path / "c" / "inference" / "manifest.json").read_text())
+    [encoder] = manifest["encoders"].values()
+    assert [e["file"] for e in encoder["entries"].values()] == [str(image)]
+
+
+def test_several_boxes_per_image_subfolders_and_a_box_outside(trained, val_images, detections, tmp_path):
+    checkpoint, _, _ = trained
+    images = tmp_path / "images"
+    (images / "site").mkdir(parents=True)
+    first, second = detections[0]["file_name"], detections[1]["file_name"]
+    (images / first).write_bytes((val_images / first).read_bytes())
+    (images / "site" / first).write_bytes((val_images / second).read_bytes())  # same stem, other image
+    rows = [dict(detections[0], id=0), {"file_name": first, "bbox": [900, 900, 990, 990], "id": 1},
+            {"file_name": first, "bbox": [20, 30, 120, 140], "id": 2},
+            {"file_name": f"site/{first}", "bbox": detections[1]["bbox"], "id": 3}]
+    code, out = refine_cli(checkpoint, images, rows, tmp_path, "--masks", str(tmp_path / "masks"))
+    assert code == 0 and [r["id"] for r in out] == [0, 1, 2, 3]
+    assert out[1]["refine_error"].startswith("outside_image") and "mask" not in out[1]
+    refiner = BoxRefiner.from_checkpoint(checkpoint, device="cpu", num_workers=0)
+    for row in (out[0], out[2], out[3]):
+        api = refiner.refine(images / row["file_name"], [row["bbox_input"]]).boxes[0]
+        np.testing.assert_allclose(row["bbox"], api, atol=0.006)
+    assert len({out[0]["mask"], out[2]["mask"], out[3]["mask"]}) == 3
+
+
+def test_an_exif_rotated_image_gets_boxes_and_masks_in_its_upright_frame(trained, val_images, detections, tmp_path):
+    checkpoint, _, _ = trained
+    source = Image.open(val_images / detections[0]["file_name"])
+    upright = source.transpose(Image.Transpose.ROTATE_270)  # what a viewer shows for EXIF orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "img").mkdir()
+    source.save(tmp_path / "img" / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    rows = [{"file_name": "rotated.jpg", "bbox": [10, 20, upright.width - 30, upright.height - 40]}]
+    code, out = refine_cli(checkpoint, tmp_path / "img", rows, tmp_path, "--masks", str(tmp_path / "masks"))
+    assert code == 0 and "refine_error" not in out[0]
+    with Image.open(out[0]["mask"]) as mask:
+        assert mask.size == upright.size != source.size
+    x0, y0, x1, y1 = out[0]["bbox"]
+    assert 0 <= x0 < x1 <= upright.width and 0 <= y0 < y1 <= upright.height
+
+
+def test_a_rerun_on_earlier_output_does_not_keep_stale_results(trained, val_images, detections, tmp_path):
+    checkpoint, _, _ = trained
+    code, first = refine_cli(checkpoint, val_images, detections[:1], tmp_path)
+    assert code == 0 and "bbox_input" in first[0]
+    stale = [dict(first[0], file_name="gone.JPG")]
+    code, out = refine_cli(checkpoint, val_images, stale + detections[1:2], tmp_path)
+    assert code == 0 and out[0]["refine_error"] == "missing_image"
+    assert not {"bbox_input", "refine_steps"} & set(out[0]) and out[0]["bbox"] == first[0]["bbox"]
+    code, out = refine_cli(checkpoint, val_images, [], tmp_path)
+    assert code == 0 and out == []
