@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -203,6 +204,15 @@ def encoder_identity(cfg: HQSAMConfig, memo_dir: str | Path | None = None) -> En
     return EncoderIdentity(cfg.model_type, weights, cfg.input_size, cfg.precision)
 
 
+@contextlib.contextmanager
+def random_init_rng() -> Iterator[None]:
+    """The seeded RNG of every random-weight build: the same recipe always draws the same weights, and
+    the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
+
+
 def autocast_context(device: torch.device, precision: str):
     """autocast for 'bf16'/'fp16', nothing for 'fp32'."""
     if precision == "fp32":
@@ -241,8 +251,7 @@ def build_encoder(cfg: HQSAMConfig, device: torch.device, identity: EncoderIdent
         load_strictly(module, state, cfg.model_type, cfg.checkpoint)
         log.info("HQ-SAM %s encoder loaded from %s (sha256 %s)", cfg.model_type, cfg.checkpoint, identity.weights[:12])
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
+        with random_init_rng():
             module = build_image_encoder(cfg.model_type, cfg.input_size)
         log.warning("!" * 72)
         log.warning("HQ-SAM %s encoder has RANDOM, UNTRAINED weights (hqsam.allow_random_init: true).", cfg.model_type)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .encoder import (EMBED_DIM, PATCH, PIXEL_MEAN, PIXEL_STD, RANDOM_INIT_SEED, EncoderError, hq_modeling,
-                      VIT_ARGS, build_image_encoder, load_strictly, read_sam_state, resized_shape, submodule_state)
+from .encoder import (EMBED_DIM, PATCH, PIXEL_MEAN, PIXEL_STD, VIT_ARGS, EncoderError, build_image_encoder,
+                      hq_modeling, load_strictly, random_init_rng, read_sam_state, resized_shape, submodule_state)
 
 if TYPE_CHECKING:
     from segment_anything_hq.modeling import Sam
@@ -54,8 +54,7 @@ def build_sam_hq(model_type: str, input_size: int = 1024) -> "Sam":
 def load_sam_hq(model_type: str, input_size: int, checkpoint: str | None) -> "Sam":
     """HQ-SAM with every weight from `checkpoint`, or (None) with seeded random weights, loudly."""
     if checkpoint is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
+        with random_init_rng():
             sam = build_sam_hq(model_type, input_size)
         log.warning("HQ-SAM %s (encoder and mask decoder) has RANDOM, UNTRAINED weights: its features and masks mean "
                     "nothing; demos and tests only",

@@ -122,14 +122,15 @@ def simulated_detections(root: str | Path, split: str = "val", center_std: float
     import torch
 
     from .boxes import jitter_boxes
-    from .config import DataConfig
+    from .config import BoxNoiseConfig, DataConfig
     from .data import load_split
 
     samples = load_split(DataConfig(data_root=str(root)), split).samples
     longest = torch.tensor([[max(s.width, s.height)] for s in samples], dtype=torch.float64)
     truth = torch.tensor([s.box for s in samples], dtype=torch.float64) / longest
     extent = torch.tensor([(s.width, s.height) for s in samples], dtype=torch.float64) / longest
-    noisy = jitter_boxes(truth, extent, center_std, scale_std, 2.5, torch.Generator().manual_seed(seed)) * longest
+    max_sigma = BoxNoiseConfig().max_sigma  # draws clipped as in training
+    noisy = jitter_boxes(truth, extent, center_std, scale_std, max_sigma, torch.Generator().manual_seed(seed)) * longest
     scores = np.random.default_rng(seed).uniform(0.3, 0.99, len(samples))
     return [{"file_name": s.file_name, "bbox": [round(float(v), 2) for v in box], "score": round(float(score), 3),
              "label": "fungus"} for s, box, score in zip(samples, noisy, scores)]
