@@ -35,7 +35,7 @@ def run(cfg: Config, device: torch.device, label: str) -> dict:
     last = history[-1]
     return {"run": label, "wall_seconds": time.perf_counter() - start, "epochs": len(history),
             "train_images": round(last["samples_per_second"] * last["epoch_seconds"]),
-            "extracted": stats["misses"] if stats else None, "hit_rate": stats["hit_rate"] if stats else None,
+            "extracted": stats["extracted"] if stats else None, "hit_rate": stats["hit_rate"] if stats else None,
             "epoch_seconds": last["epoch_seconds"], "val_iou_input": last["val_iou_input"],
             "val_iou_refined": last["val_iou_refined"]}
 

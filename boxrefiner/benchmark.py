@@ -24,6 +24,7 @@ import torch
 
 from .config import Config, load_config, replace
 from .engine import Targets, amp_precision, build_model, build_optimization, prepare_splits, seed_everything, train, train_one_epoch
+from .data import SplitData
 from .features import FeatureBatches, FeatureSources
 from .fileio import write_json
 
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 class PreparedBatches(FeatureBatches):
     """Batches held as ready tensors on the device: no reading, copying or indexing left."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int):
-        super().__init__(batch_size, sum(len(i) for i, _ in batches), None)
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], split: SplitData, batch_size: int):
+        super().__init__(split, batch_size, None)
         self.batches = batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -61,7 +62,7 @@ def head_only_seconds(cfg: Config, device: torch.device, epochs: int) -> list[fl
     seconds = []
     for epoch in range(epochs):
         sources.train_sampler.set_epoch(epoch)
-        batches = PreparedBatches([(i, f.float().clone()) for i, f in sources.train], cfg.training.batch_size)
+        batches = PreparedBatches([(i, f.float().clone()) for i, f in sources.train], train_split, cfg.training.batch_size)
         record, _ = train_one_epoch(model, batches, targets, optimizer, scheduler, scaler, cfg, precision, epoch)
         seconds.append(record["epoch_seconds"])
     return seconds

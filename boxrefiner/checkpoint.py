@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, load_torch_file
 
 LAST = "last.pth"
 BEST = "best_model.pth"
@@ -32,13 +32,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated or foreign files raise many types
-        raise CheckpointError(f"checkpoint '{path}' cannot be read: {str(exc).splitlines()[0][:200]}") from None
+    state = load_torch_file(path, CheckpointError, "checkpoint")
     required = ("epoch", "model_state_dict", "optimizer_state_dict", "config")
     if not isinstance(state, dict) or any(k not in state for k in required):
         raise CheckpointError(f"checkpoint '{path}' is not a box-refiner checkpoint (needs keys {', '.join(required)})")

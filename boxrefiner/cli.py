@@ -17,6 +17,7 @@ from .checkpoint import LAST, CheckpointError
 from .config import Config, load_config, replace
 from .console import positive_int, resolve_device, run_command, setup_logging
 from .encoder import encoder_identity
+from .signals import Interrupted, StopRequest
 
 log = logging.getLogger("boxrefiner")
 
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="delete this encoder's cached features before the run ('all': every encoder's)")
     parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                         help="continue from a checkpoint; 'auto' or no value: last.pth in output.checkpoint_dir")
+    parser.add_argument("--allow-rollback", action="store_true",
+                        help="let --resume go back to an older checkpoint (e.g. best_model.pth), replacing newer work")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--epochs", type=positive_int, help="override training.epochs")
     parser.add_argument("--batch-size", type=positive_int, help="override training.batch_size")
@@ -105,19 +108,24 @@ def run(argv: list[str] | None = None) -> int:
     ensure_synthetic_data(cfg)
     if args.clear_cache:
         clear_features(cfg, every_encoder=args.clear_cache == "all")
-    from .engine import Interrupted, StopRequest, train  # heavy imports after argument errors are reported
+    from .engine import train  # heavy imports after argument errors are reported
     with StopRequest() as stop:
         try:
-            train(cfg, device, resume=resume, debug=args.debug, stop=stop)
+            train(cfg, device, resume=resume, debug=args.debug, stop=stop, allow_rollback=args.allow_rollback)
         except Interrupted as exc:
-            log.warning("stopped by %s; state saved in %s. Resume with:\n  %s", signal.Signals(exc.signum).name,
-                        exc.checkpoint, resume_command(argv if argv is not None else sys.argv[1:], exc.checkpoint))
+            name, command = signal.Signals(exc.signum).name, argv if argv is not None else sys.argv[1:]
+            if exc.checkpoint is None:
+                log.warning("stopped by %s during %s; every feature written so far is complete and kept. Run the "
+                            "same command again to continue:\n  %s", name, exc.where, resume_command(command, None))
+            else:
+                log.warning("stopped by %s; state saved in %s. Resume with:\n  %s", name, exc.checkpoint,
+                            resume_command(command, exc.checkpoint))
             return 128 + exc.signum
     return 0
 
 
-def resume_command(argv: list[str], checkpoint: Path) -> str:
-    """The same command line, without --resume/--clear-cache, plus --resume CHECKPOINT."""
+def resume_command(argv: list[str], checkpoint: Path | None) -> str:
+    """The same command line, without --resume/--clear-cache, plus --resume CHECKPOINT (if any)."""
     kept, skip_value = [], False
     for arg in argv:
         if skip_value:
@@ -130,7 +138,8 @@ def resume_command(argv: list[str], checkpoint: Path) -> str:
         if arg.startswith(("--resume=", "--clear-cache=")):
             continue
         kept.append(arg)
-    return shlex.join(["python", "train_box_refiner_optimized.py", *kept, "--resume", str(checkpoint)])
+    resume = ["--resume", str(checkpoint)] if checkpoint is not None else []
+    return shlex.join(["python", "train_box_refiner_optimized.py", *kept, *resume])
 
 
 def main(argv: list[str] | None = None) -> int:

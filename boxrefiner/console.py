@@ -18,8 +18,9 @@ from .config import ConfigError
 from .data import DataError
 from .detections import DetectionsError
 from .encoder import EncoderError
+from .runlock import RunLockError
 
-USER_ERRORS = (ConfigError, DataError, EncoderError, CheckpointError, CacheError, DetectionsError)
+USER_ERRORS = (ConfigError, DataError, EncoderError, CheckpointError, CacheError, DetectionsError, RunLockError)
 
 
 class _TqdmHandler(logging.Handler):

@@ -57,10 +57,22 @@ class SplitData:
     samples: list[Sample]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (file_name, reason)
+    # Samples left out after indexing (their image stopped decoding, or its features are not finite):
+    # they keep their index, so sampling order and resumption do not depend on when this was found.
+    excluded: dict[int, str] = field(default_factory=dict)
 
     def skip(self, file_name: str, reason: str) -> None:
         self.skipped[reason] += 1
         self.skipped_files.append((file_name, reason))
+
+    def exclude(self, index: int, reason: str) -> None:
+        if index not in self.excluded:
+            self.excluded[index] = reason
+            self.skip(self.samples[index].file_name, reason)
+
+    @property
+    def usable(self) -> int:
+        return len(self.samples) - len(self.excluded)
 
 
 def subset_name(subset: str) -> str:
@@ -164,10 +176,35 @@ def oriented_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+_WIDE_MODES_SEEN: set[str] = set()
+
+
+def to_8bit(img: Image.Image, path: Path | str = "") -> Image.Image:
+    """16-bit, 32-bit and float images as 8 bits: Pillow's `convert("RGB")` would clip them to 255
+    (all white). 16-bit by its full range (/257); 32-bit integer and float by the image's own
+    min-max range, which has no fixed scale (logged once per kind and process)."""
+    if img.mode.startswith("I;16"):
+        values = np.asarray(img).astype(np.float64) / 257.0
+    elif img.mode in ("I", "F"):
+        values = np.asarray(img).astype(np.float64)
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        values = np.nan_to_num((values - lo) / (hi - lo) * 255.0 if hi > lo else values * 0.0, nan=0.0,
+                               posinf=255.0, neginf=0.0)
+        if img.mode not in _WIDE_MODES_SEEN:
+            _WIDE_MODES_SEEN.add(img.mode)
+            kind = "32-bit integer" if img.mode == "I" else "floating-point"
+            log.warning("%s is a %s image: scaled to 8 bits by its own min-max range (%g..%g); further such "
+                        "images are scaled the same way without a message", path, kind, lo, hi)
+    else:
+        return img
+    return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image as HxWx3 uint8 RGB, EXIF orientation applied."""
+    """Decode an image as HxWx3 uint8 RGB, EXIF orientation applied (wide images scaled to 8 bits)."""
     with Image.open(path) as img:
-        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        return np.asarray(to_8bit(ImageOps.exif_transpose(img), path).convert("RGB"))
 
 
 def readable(path: Path) -> bool:
@@ -177,13 +214,6 @@ def readable(path: Path) -> bool:
         return True
     except DECODE_ERRORS:
         return False
-
-
-def drop_unreadable(split: SplitData, bad: set[int]) -> None:
-    """Remove samples whose image failed to decode, recording them as skipped."""
-    for index in sorted(bad):
-        split.skip(split.samples[index].file_name, "unreadable_image")
-    split.samples[:] = [s for i, s in enumerate(split.samples) if i not in bad]
 
 
 def choose_subset(n: int, ratio: float | None, max_count: int | None, seed: int) -> list[int]:

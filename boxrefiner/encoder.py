@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from .config import HQSAMConfig
-from .fileio import write_json
+from .fileio import load_torch_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ EMBED_DIM = 256
 PATCH = 16
 # Bump when preprocessing changes: it is part of every cache key.
 PREPROCESS_VERSION = "pil-bilinear-longest-side-v1"
+# Bump for a model type when this tool's features of it change (part of every cache key of that type).
+# vit_tiny: before 0.3, TinyViT's attention biases were derived before the weights were loaded, so
+# features from a vit_tiny checkpoint were not the checkpoint's; entries from then are never served.
+ENCODER_REVISIONS = {"vit_tiny": "tinyvit-biases-after-load"}
 RANDOM_INIT_SEED = 0
 VIT_ARGS = {  # embed_dim, depth, num_heads, global_attn_indexes (segment_anything_hq.build_sam)
     "vit_b": (768, 12, 12, (2, 5, 8, 11)),
@@ -100,14 +104,7 @@ def build_image_encoder(model_type: str, input_size: int = 1024) -> nn.Module:
 def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of an (HQ-)SAM checkpoint, unwrapped from `{'model': ...}`-style wrappers, loaded
     safely on CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise EncoderError(f"hqsam.checkpoint '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt/foreign file
-        raise EncoderError(f"hqsam.checkpoint '{path}' cannot be read as a PyTorch checkpoint: "
-                           f"{str(exc).splitlines()[0][:200]}") from None
+    state = load_torch_file(path, EncoderError, "hqsam.checkpoint")
     for wrapper in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and not any(
                 str(k).startswith("image_encoder.") for k in state):
@@ -144,6 +141,9 @@ def load_strictly(module: nn.Module, state: dict[str, torch.Tensor], model_type:
         raise EncoderError(f"hqsam.checkpoint '{source}' does not fit hqsam.model_type '{model_type}': "
                            f"{part} keys {', '.join(parts)}")
     module.load_state_dict(state, strict=True)
+    # TinyViT's attention derives its bias table (`ab`) from the weights when it is switched to eval;
+    # a table derived before loading would keep the old weights' biases. Derive it again now.
+    module.train(False)
 
 
 _HASH_MEMO = ".checkpoint_hashes.json"
@@ -167,7 +167,11 @@ def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
             digest.update(chunk)
     memo[memo_key] = digest.hexdigest()
     if memo_file:
-        write_json(memo_file, memo)
+        try:
+            write_json(memo_file, memo)
+        except OSError as exc:  # a read-only cache: hashing again next time is all it costs
+            log.info("checkpoint hash not memoised (%s: %s); it is computed again on the next run", memo_file,
+                     exc.strerror or exc)
     return memo[memo_key]
 
 
@@ -179,10 +183,18 @@ class EncoderIdentity:
     input_size: int
     precision: str
     preprocess: str = PREPROCESS_VERSION
+    revision: str = ""  # ENCODER_REVISIONS at the time; "" for identities saved before revisions existed
 
     @property
     def key(self) -> str:
-        return "|".join((self.model_type, self.weights, str(self.input_size), self.precision, self.preprocess))
+        parts = [self.model_type, self.weights, str(self.input_size), self.precision, self.preprocess]
+        return "|".join(parts + ([self.revision] if self.revision else []))
+
+    @property
+    def current(self) -> bool:
+        """Whether this version of the tool makes these features (preprocessing and encoder code alike)."""
+        return (self.preprocess == PREPROCESS_VERSION
+                and self.revision == ENCODER_REVISIONS.get(self.model_type, ""))
 
     def short(self) -> str:
         weights = "random-init" if self.weights.startswith("random-init") else self.weights[:10]
@@ -201,7 +213,8 @@ def encoder_identity(cfg: HQSAMConfig, memo_dir: str | Path | None = None) -> En
     else:
         raise EncoderError("hqsam.checkpoint is not set: point it at an HQ-SAM checkpoint "
                            "(e.g. sam_hq_vit_h.pth), or set hqsam.allow_random_init: true for demos and tests")
-    return EncoderIdentity(cfg.model_type, weights, cfg.input_size, cfg.precision)
+    return EncoderIdentity(cfg.model_type, weights, cfg.input_size, cfg.precision,
+                           revision=ENCODER_REVISIONS.get(cfg.model_type, ""))
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +26,14 @@ from .checkpoint import (BEST, LAST, CheckpointError, config_changes, load_check
                          set_rng_state)
 from .config import Config
 from .data import DataError, Sample, SplitData, expected_layout, load_split
-from .encoder import EMBED_DIM, autocast_context, encoder_identity
-from .fileio import atomic_write
+from .encoder import EMBED_DIM, EncoderIdentity, autocast_context, encoder_identity
 from .features import FeatureBatches, FeatureSources
+from .fileio import append_jsonl, first_line, write_jsonl
 from .losses import refinement_loss
 from .model import BoxRefinementModule
 from .progress import progress
+from .runlock import RunLock
+from .signals import Interrupted, StopRequest, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -125,47 +126,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); one-line message."""
 
 
-class Interrupted(Exception):
-    """Raised after an interrupted run has saved its state; carries the signal and the checkpoint."""
-
-    def __init__(self, signum: int, checkpoint: Path):
-        super().__init__(f"interrupted by signal {signum}")
-        self.signum = signum
-        self.checkpoint = checkpoint
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second Ctrl-C stops at once
-    (every file is written atomically, so nothing is torn either way)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        return self
-
-    def arm(self) -> None:
-        """Catch the signals from now on (until the with-block ends)."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous.setdefault(signum, signal.signal(signum, self._handle))
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("%s received: stopping at the next step boundary and saving (Ctrl-C again stops at once)",
-                    signal.Signals(signum).name)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-
 @dataclass
 class EpochProgress:
     """How far an epoch has got; saved in an interrupted checkpoint so the epoch continues exactly."""
@@ -204,6 +164,11 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
     bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False, initial=state.step, total=len(loader))
     for indices, features in bar:
         state.data_seconds += time.perf_counter() - fetch  # waiting for features: reading, or the encoder
+        if not len(indices):  # every sample of this batch was left out: the schedule still counts the step
+            scheduler.step()
+            state.step += 1
+            fetch = time.perf_counter()
+            continue
         state.fetched += len(indices)
         gt, extent = targets.boxes[indices], targets.extent[indices]
         inputs = jitter_boxes(gt, extent, noise.center_std, noise.scale_std, noise.max_sigma, generator)
@@ -240,7 +205,7 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
         cache = f"{100.0 * reads / state.fetched:.1f}%" if loader.from_cache else "off"
         bar.set_postfix(refresh=False, Loss=f"{state.totals['loss'] / seen:.4f}", L1=f"{state.totals['l1'] / seen:.4f}",
                         IoU=f"{state.totals['giou'] / seen:.4f}", Cache=cache)
-        stopped = stop is not None and stop.requested and state.step < len(loader)
+        stopped = stop_requested(stop) and state.step < len(loader)
         if stopped:
             break
         fetch = time.perf_counter()
@@ -293,6 +258,8 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
     iou_in, iou_out, losses = [], [], {"loss": 0.0, "l1": 0.0, "giou": 0.0}
     start = time.perf_counter()
     for indices, features in progress(loader, desc="Validating", unit="batch", leave=False):
+        if not len(indices):
+            continue
         gt, extent, boxes = targets.boxes[indices].to(device), targets.extent[indices].to(device), inputs[indices].to(device)
         with autocast_context(device, precision):
             iterations = model(features, boxes, extent)
@@ -303,17 +270,12 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
         iou_in.append(box_iou(boxes, gt).cpu())
         iou_out.append(box_iou(refined.float(), gt).cpu())
     n = sum(len(t) for t in iou_in)
+    if not n:
+        raise DataError("no validation sample is left (every one was excluded); see skipped.jsonl")
     summary = iou_summary(torch.cat(iou_in), torch.cat(iou_out))
     return {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n, "val_giou_loss": losses["giou"] / n,
             **{f"val_{key}": value for key, value in summary.items()},
             "val_seconds": time.perf_counter() - start}
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
 
 
 RESUME_KEYS = {"scheduler_state_dict": dict, "rng": dict, "history": list, "best_val_iou": float, "best_epoch": int,
@@ -338,22 +300,34 @@ def check_resume(state: dict, path: str, cfg: Config, device: torch.device) -> N
     identity = encoder_identity(cfg.hqsam, memo_dir=cfg.optimization.feature_cache.cache_dir)
     if state["encoder"].get("weights") != identity.weights:
         raise CheckpointError(f"--resume {path}: hqsam.checkpoint has other content than the run was trained with")
+    try:
+        trained = EncoderIdentity(**state["encoder"])
+    except TypeError:
+        raise CheckpointError(f"--resume {path}: its encoder identity is not one this version knows") from None
+    if trained.key != identity.key:
+        raise CheckpointError(f"--resume {path}: this version of the tool computes other features for "
+                              f"{trained.model_type} than the run was trained on ({trained.short()}, preprocessing "
+                              f"'{trained.preprocess}', revision '{trained.revision or 'none'}'); start a new run")
     for change in allowed:
         log.info("resume: %s (allowed)", change)
     if state.get("device") and state["device"] != str(device):
         log.info("resume: device %s -> %s (allowed)", state["device"], device)
 
 
-def restore(state: dict, model, optimizer, scheduler, scaler) -> tuple[int, float, int, list[dict], EpochProgress | None]:
+def restore(state: dict, path: str, model, optimizer, scheduler, scaler) -> tuple[int, float, int, list[dict], EpochProgress | None]:
     """Load a checkpoint's training state; returns (first epoch to run, best val IoU, its epoch,
     metrics history, progress inside an interrupted epoch)."""
-    model.load_state_dict(state["model_state_dict"])
-    optimizer.load_state_dict(state["optimizer_state_dict"])
-    scheduler.load_state_dict(state["scheduler_state_dict"])
-    if scaler is not None and state.get("scaler_state_dict"):
-        scaler.load_state_dict(state["scaler_state_dict"])
-    set_rng_state(state["rng"])
-    partial = EpochProgress(**state["partial_epoch"]) if state.get("partial_epoch") else None
+    try:
+        model.load_state_dict(state["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        scheduler.load_state_dict(state["scheduler_state_dict"])
+        if scaler is not None and state.get("scaler_state_dict"):
+            scaler.load_state_dict(state["scaler_state_dict"])
+        set_rng_state(state["rng"])
+        partial = EpochProgress(**state["partial_epoch"]) if state.get("partial_epoch") else None
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # weights of another shape, another version
+        raise CheckpointError(f"--resume {path}: its saved state does not fit this model and version of the tool "
+                              f"({first_line(exc, 300)})") from None
     return (int(state["epoch"]) + 1, float(state["best_val_iou"]), int(state["best_epoch"]), list(state["history"]),
             partial)
 
@@ -374,6 +348,14 @@ def all_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def improves(value: float, best: float, best_epoch: int) -> bool:
+    """Whether an epoch's validation IoU is the run's best so far (the first epoch always is; NaN never
+    beats a number)."""
+    if best_epoch < 0 or not math.isfinite(best):
+        return True
+    return math.isfinite(value) and value > best
+
+
 def epoch_summary(r: dict, epochs: int, improved: bool) -> str:
     cache = "off" if r["cache_hit_rate"] is None else f"{100 * r['cache_hit_rate']:.0f}%" + (
         f" ({r['cache_healed']} healed)" if r["cache_healed"] else "")
@@ -389,33 +371,91 @@ class RunHistory(list):
     cache_stats: dict | None = None
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (unparseable lines skipped)."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def check_rollback(state: dict, path: str, cfg: Config, allow: bool) -> None:
+    """Refuse to resume from a checkpoint older than the run folder's newest work (e.g. --resume
+    best_model.pth while last.pth is further on): that would replace last.pth and cut metrics.jsonl."""
+    ckpt_dir = Path(cfg.output.checkpoint_dir)
+    last = ckpt_dir / LAST
+    done = int(state["epoch"])
+    later: list[str] = []
+    if last.is_file() and last.resolve() != Path(path).resolve():
+        newest = load_checkpoint(last)
+        if int(newest.get("global_step", -1)) > int(state.get("global_step", -1)):
+            later.append(f"{last} (epoch {int(newest['epoch'])})")
+    extra = [r for r in read_metrics(Path(cfg.output.save_dir) / "metrics.jsonl")
+             if isinstance(r.get("epoch"), int) and r["epoch"] > done]
+    if extra:
+        later.append(f"epochs {extra[0]['epoch']}-{extra[-1]['epoch']} of metrics.jsonl")
+    if not later:
+        return
+    what = " and ".join(later)
+    if not allow:
+        raise CheckpointError(f"--resume {path} goes back to epoch {done}: it would replace {what}; pass "
+                              f"--allow-rollback to do that, or resume from {last}")
+    log.warning("--allow-rollback: resuming from epoch %d of %s replaces %s", done, path, what)
+
+
+def start_run(cfg: Config, device: torch.device, resume: str | None, allow_rollback: bool) -> dict | None:
+    """Checks before any slow work: the checkpoint to resume (readable, resumable, no lost work)."""
+    resumed = load_checkpoint(resume) if resume else None
+    if resumed is not None:
+        assert resume is not None
+        check_resume(resumed, resume, cfg, device)
+        check_rollback(resumed, resume, cfg, allow_rollback)
+    return resumed
+
+
 def train(cfg: Config, device: torch.device, resume: str | None = None, debug: bool = False,
-          stop: StopRequest | None = None) -> RunHistory:
+          stop: StopRequest | None = None, allow_rollback: bool = False) -> RunHistory:
     """Run (or continue) training; returns the metrics of the epochs run now.
 
     Raises Interrupted after saving when `stop` was requested, TrainingError when it cannot go on."""
-    resumed = load_checkpoint(resume) if resume else None  # a bad file fails before any slow work
-    if resumed is not None:
-        check_resume(resumed, resume, cfg, device)
-        if not resumed.get("partial_epoch") and int(resumed["epoch"]) + 1 >= cfg.training.epochs:
-            log.info("%s: this run already finished its %d epochs; pass --epochs N (N > %d) to train further",
-                     resume, int(resumed["epoch"]) + 1, int(resumed["epoch"]) + 1)
-            return RunHistory()
+    resumed = start_run(cfg, device, resume, allow_rollback)  # a bad file fails before any slow work
+    if resumed is not None and not resumed.get("partial_epoch") and int(resumed["epoch"]) + 1 >= cfg.training.epochs:
+        log.info("%s: this run already finished its %d epochs; pass --epochs N (N > %d) to train further",
+                 resume, int(resumed["epoch"]) + 1, int(resumed["epoch"]) + 1)
+        return RunHistory()
+    with RunLock(cfg.output.checkpoint_dir, cfg.output.save_dir):
+        if stop is not None:
+            stop.arm()  # from here on a signal stops at the next safe point: an extraction batch, a training step
+        return _train_locked(cfg, device, resumed, resume, debug, stop)
+
+
+def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resume: str | None, debug: bool,
+                  stop: StopRequest | None) -> RunHistory:
     train_split, val_split = prepare_splits(cfg, debug)
+    samples = {split.split: sample_digest(split) for split in (train_split, val_split)}
+    if resumed is not None and resumed["samples"] != samples:
+        raise CheckpointError(f"--resume {resume}: the images of the splits differ from the run's (--debug, data "
+                              "files or skipped images changed), so it cannot continue exactly; start a new run")
     seed_everything(cfg.training.seed)
     model = build_model(cfg).to(device)  # before feature extraction, which must not shift its initialisation
     precision = amp_precision(device, cfg.training.use_amp)
     log.info("device %s; training precision %s%s", device, precision,
              " (training.use_amp: true)" if cfg.training.use_amp else " (training.use_amp: false)")
-    sources = FeatureSources(cfg, device, train_split, val_split, precision)  # may drop undecodable images
-    write_skipped(Path(cfg.output.save_dir) / "skipped.jsonl", train_split, val_split)
+    skipped_path = Path(cfg.output.save_dir) / "skipped.jsonl"
+    sources = FeatureSources(cfg, device, train_split, val_split, precision, stop)  # may exclude samples
+    write_skipped(skipped_path, train_split, val_split)
     for split in (train_split, val_split):
-        if not split.samples:
-            raise DataError(f"split '{split.split}' has no decodable images left")
-    samples = {split.split: sample_digest(split) for split in (train_split, val_split)}
-    if resumed is not None and resumed["samples"] != samples:
-        raise CheckpointError(f"--resume {resume}: the images of the splits differ from the run's (--debug, data "
-                              "files or skipped images changed), so it cannot continue exactly; start a new run")
+        if not split.usable:
+            raise DataError(f"split '{split.split}' has no usable images left (see {skipped_path})")
     train_targets, val_targets = Targets.of(train_split.samples), Targets.of(val_split.samples)
     val_inputs = validation_inputs(cfg, val_targets)
 
@@ -427,16 +467,15 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
     ckpt_dir, metrics_path = Path(cfg.output.checkpoint_dir), Path(cfg.output.save_dir) / "metrics.jsonl"
     start_epoch, best_iou, best_epoch, history, partial = 0, -1.0, -1, [], None
     if resumed is not None:
-        start_epoch, best_iou, best_epoch, history, partial = restore(resumed, model, optimizer, scheduler, scaler)
+        start_epoch, best_iou, best_epoch, history, partial = restore(resumed, str(resume), model, optimizer,
+                                                                      scheduler, scaler)
         realign_schedule(cfg, optimizer, scheduler, partial.epoch if partial else start_epoch,
                          partial.step if partial else 0, len(sources.train))
         where = f"epoch {partial.epoch}, step {partial.step}" if partial else f"epoch {start_epoch}"
         log.info("resumed from %s: continuing at %s of %d epochs", resume, where, cfg.training.epochs)
     elif (ckpt_dir / LAST).exists():
         log.warning("%s exists from an earlier run and will be replaced (use --resume to continue it)", ckpt_dir / LAST)
-    # metrics.jsonl always equals the checkpoint's history, then grows by one line per epoch
-    text = "".join(json.dumps(r) + "\n" for r in history).encode()
-    atomic_write(metrics_path, lambda f: f.write(text))
+    write_jsonl(metrics_path, history)  # metrics.jsonl always equals the checkpoint's history, then grows
 
     def snapshot(last_done: int, progress_state: EpochProgress | None = None, interrupted: bool = False) -> dict:
         last = history[-1] if history else {}
@@ -458,35 +497,40 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
             save_checkpoint(state, ckpt_dir / name)
 
     run_now = RunHistory()
-    if stop is not None:
-        stop.arm()  # from here on a signal stops at a step boundary; before, it simply ends the process
     for epoch in range(start_epoch, cfg.training.epochs):
         continuing = partial if partial is not None and partial.epoch == epoch else None
         sources.train_sampler.set_epoch(epoch, skip=continuing.step * cfg.training.batch_size if continuing else 0)
+        excluded = len(train_split.excluded) + len(val_split.excluded)
         metrics, progress_state = train_one_epoch(model, sources.train, train_targets, optimizer, scheduler, scaler,
                                                   cfg, precision, epoch, resume=continuing, stop=stop)
         partial = None
         if metrics is None:  # stopped inside the epoch
             save(snapshot(epoch - 1, progress_state), LAST)
+            assert stop is not None and stop.signum is not None
             raise Interrupted(stop.signum, ckpt_dir / LAST)
         record = {"epoch": epoch, **metrics, **evaluate(model, sources.val, val_targets, val_inputs, cfg, precision)}
         record["lr"] = optimizer.param_groups[0]["lr"]
-        improved = record["val_iou_refined"] > best_iou
+        improved = improves(record["val_iou_refined"], best_iou, best_epoch)
         if improved:
             best_iou, best_epoch = record["val_iou_refined"], epoch
         log.info(epoch_summary(record, cfg.training.epochs, improved))
         history.append(record)
         run_now.append(record)
-        stopping = stop is not None and stop.requested and epoch + 1 < cfg.training.epochs
+        stopping = stop_requested(stop) and epoch + 1 < cfg.training.epochs
         state = snapshot(epoch, interrupted=stopping)
-        save(state, LAST, BEST) if improved else save(state, LAST)
-        _append_jsonl(metrics_path, record)
+        save(state, BEST, LAST) if improved else save(state, LAST)  # best first: a kill between leaves it current
+        append_jsonl(metrics_path, record)
+        if len(train_split.excluded) + len(val_split.excluded) > excluded:
+            write_skipped(skipped_path, train_split, val_split)
         if stopping:
+            assert stop is not None and stop.signum is not None
             raise Interrupted(stop.signum, ckpt_dir / LAST)
     if cfg.cache_enabled:
         stats = run_now.cache_stats = sources.get_cache_stats()
-        log.info("feature cache: %d hits, %d misses (extracted), hit rate %.1f%%, %d healed, %.1f MiB read from disk",
-                 stats["hits"], stats["misses"], 100 * stats["hit_rate"], stats["healed"], stats["bytes_read"] / 2**20)
+        rate = "-" if stats["hit_rate"] is None else f"{100 * stats['hit_rate']:.1f}%"
+        log.info("feature cache: warm-up found %d entries and extracted %d; training read %d features from the cache "
+                 "and encoded %d (hit rate %s), %d healed, %.1f MiB read from disk", stats["found"], stats["extracted"],
+                 stats["served"], stats["encoded"], rate, stats["healed"], stats["bytes_read"] / 2**20)
     if run_now:
         log.info("done: best val IoU %.3f at epoch %d; checkpoints in %s, metrics in %s", best_iou, best_epoch,
                  ckpt_dir, metrics_path)
@@ -500,9 +544,8 @@ def sample_digest(split: SplitData) -> str:
 
 def write_skipped(path: Path, *splits: SplitData) -> None:
     """<save_dir>/skipped.jsonl: one line per skipped image (file name, split, reason)."""
-    lines = [json.dumps({"file_name": name, "split": split.split, "reason": reason})
-             for split in splits for name, reason in split.skipped_files]
-    text = "".join(line + "\n" for line in lines).encode()
-    atomic_write(path, lambda f: f.write(text))
-    if lines:
-        log.info("%d skipped images listed in %s", len(lines), path)
+    records = [{"file_name": name, "split": split.split, "reason": reason}
+               for split in splits for name, reason in split.skipped_files]
+    write_jsonl(path, records)
+    if records:
+        log.info("%d skipped images listed in %s", len(records), path)

@@ -187,7 +187,7 @@ def run_suite(cfg: Config, device: torch.device, work: Path, debug: bool = False
         runs[name] = run_isolated(isolate(variant(cfg, name), work / name, cache_dir), device, debug)
         configs.append(summarise(name, runs[name]))
     epochs_time = sum(r["epoch_seconds"] + r["val_seconds"] for r in cold["history"])
-    extracted = cold["cache_stats"]["misses"] if cold["cache_stats"] else 0
+    extracted = cold["cache_stats"]["extracted"] if cold["cache_stats"] else 0
     head = head_only_seconds(isolate(variant(cfg, "feature_cache"), work / "head", cache_dir), device,
                              cfg.training.epochs) if not debug else []
     return {"hardware": hardware(device), "device": str(device), "epochs": cfg.training.epochs,

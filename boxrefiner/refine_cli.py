@@ -13,6 +13,7 @@ that are not objects are kept as they are.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from .refiner import STORE_SPLIT, BoxRefiner
 log = logging.getLogger("boxrefiner")
 _LOGGED_PROBLEMS = 20
 _OUTPUT_FIELDS = ("bbox_input", "refine_steps", "mask", "mask_score", "refine_error")  # written here
-_IMAGE_ERRORS = ("missing_image", "unreadable_image")
+_IMAGE_ERRORS = ("missing_image", "unreadable_image", "nonfinite_features")
+_BOX_ERRORS = ("outside_image", "bad_box")
 
 
 @dataclass
@@ -66,6 +68,10 @@ def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: 
             inside = (boxes[:, 0] < item.width) & (boxes[:, 1] < item.height) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
             report.problems += [(d.row, f"outside_image: bbox lies outside the {item.width}x{item.height} image")
                                 for d, ok in zip(group, inside) if not ok]
+            fits = refiner.boxes_fit(boxes, item.width, item.height)
+            report.problems += [(d.row, f"bad_box: bbox {json.dumps(rows[d.row]['bbox'])[:60]} is too large to refine")
+                                for d, ok, inner in zip(group, fits, inside) if inner and not ok]
+            inside &= fits
             group = [d for d, ok in zip(group, inside) if ok]
             if not group:
                 continue
@@ -130,7 +136,7 @@ def run(argv: list[str] | None = None) -> int:
     refiner = load_refiner(args, read_cache=not args.no_cache, store_features=args.store_features)
     report = refine_rows(refiner, rows, args.images, args.box_format, args.masks)
     write_json(args.output, report.rows)
-    reasons = Counter(reason.split(":")[0] if reason.split(":")[0] in (*_IMAGE_ERRORS, "outside_image") else "bad_row"
+    reasons = Counter(reason.split(":")[0] if reason.split(":")[0] in (*_IMAGE_ERRORS, *_BOX_ERRORS) else "bad_row"
                       for _, reason in report.problems)
     summary = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
     for index, reason in report.problems[:_LOGGED_PROBLEMS]:

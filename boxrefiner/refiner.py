@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, HQSAMConfig, config_from_dict
 from .console import resolve_device
 from .data import DECODE_ERRORS, oriented_size
-from .encoder import (PREPROCESS_VERSION, EncoderError, EncoderIdentity, ImageEncoder, build_encoder, encoder_identity,
+from .encoder import (ENCODER_REVISIONS, PREPROCESS_VERSION, EncoderError, EncoderIdentity, ImageEncoder, build_encoder, encoder_identity,
                       file_sha256)
 from .features import ImageDataset, collate_images, make_loader
 from .model import BoxRefinementModule
@@ -130,7 +130,7 @@ class BoxRefiner:
         if not self.read_cache or self.cache_dir is None or not self.cache_dir.is_dir():
             return []
         return [FeatureCache(self.cache_dir, folder.name, self.identity, self.storage_dtype)
-                for folder in sorted(self.cache_dir.iterdir()) if folder.is_dir()]
+                for folder in sorted(self.cache_dir.iterdir()) if folder.is_dir() and not folder.name.startswith(".")]
 
     def image_features(self, paths: Sequence[str | Path], for_masks: bool = False) -> Iterator[ImageFeatures]:
         """Features of each image, cached ones first, then the rest encoded in batches; every path is
@@ -185,15 +185,20 @@ class BoxRefiner:
             for position, embedding, interm in zip(positions.tolist(), embeddings, interms):
                 item = pending[position]
                 stored = np.ascontiguousarray(embedding.cpu().numpy(), dtype=self.storage_dtype)  # what training saw
+                if not np.isfinite(stored).all():
+                    item.error = "nonfinite_features"
+                    yield item
+                    continue
                 if store is not None:
-                    store.save(keys[item.index], stored)
+                    store.save(keys[item.index], stored, {"file": str(item.path), "width": item.width,
+                                                          "height": item.height})
                 item.embedding = torch.from_numpy(stored).float()
                 item.sam_features = (embedding, interm) if for_masks else None
                 self.encoded += 1
                 done.append(item)
-            if store is not None:  # one manifest update per batch
-                store.record({keys[i.index]: {"file": str(i.path), "width": i.width, "height": i.height} for i in done})
             yield from done
+        if store is not None:
+            store.manifest.close()
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -230,10 +235,12 @@ class BoxRefiner:
         """The HQ-SAM checkpoint whose encoder made the training features (None: the seeded random
         weights of a demo run), or a one-line error when it cannot be had."""
         trained = self.identity
-        if trained.preprocess != PREPROCESS_VERSION:
-            raise EncoderError(f"the refiner was trained on features preprocessed as '{trained.preprocess}'; this "
-                               f"version preprocesses as '{PREPROCESS_VERSION}', so new features would differ: "
-                               "use cached features only, or train again")
+        if not trained.current:
+            raise EncoderError(f"the refiner was trained on {trained.model_type} features made by an earlier version "
+                               f"of this tool (preprocessing '{trained.preprocess}', encoder revision "
+                               f"'{trained.revision or 'none'}'); this version's features differ ('{PREPROCESS_VERSION}', "
+                               f"'{ENCODER_REVISIONS.get(trained.model_type, '') or 'none'}'): use cached features only, "
+                               "or train again")
         if trained.weights.startswith("random-init"):
             here = encoder_identity(HQSAMConfig(model_type=trained.model_type, allow_random_init=True))
             if here.weights != trained.weights:
@@ -255,13 +262,23 @@ class BoxRefiner:
 
     # --- refinement -------------------------------------------------------------------------------
 
+    @staticmethod
+    def boxes_fit(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Which boxes ((N, 4) xyxy pixels) the head can take: finite in its float32 frame (a detector's
+        [0, 0, 1e300, 1e300] is not), with x1 > x0 and y1 > y0."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        with np.errstate(over="ignore", invalid="ignore"):
+            normalised = (boxes / float(max(width, height))).astype(np.float32)
+            sizes = normalised[:, 2:] - normalised[:, :2]
+        return np.isfinite(normalised).all(axis=1) & np.isfinite(sizes).all(axis=1) & (sizes > 0).all(axis=1)
+
     @torch.inference_mode()
     def refine_features(self, embedding: torch.Tensor, width: int, height: int, boxes: np.ndarray | list) -> Refinement:
         """Refine `boxes` ((N, 4) xyxy pixels of a `width` x `height` image) on its embedding; each box
         stops on its own once its largest correction falls below `stop_threshold`."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        if not np.isfinite(boxes).all() or (boxes[:, 2] <= boxes[:, 0]).any() or (boxes[:, 3] <= boxes[:, 1]).any():
-            raise ValueError("boxes must be finite xyxy with x1 > x0 and y1 > y0")
+        if not self.boxes_fit(boxes, width, height).all():
+            raise ValueError("boxes must be finite xyxy with x1 > x0 and y1 > y0, within float32 range")
         longest = float(max(width, height))
         extent = torch.tensor([[width / longest, height / longest]], dtype=torch.float32)
         normalised = torch.from_numpy(boxes / longest).float()

@@ -40,3 +40,57 @@ def small_config(data_root: Path, work: Path, **sections) -> dict:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO)
+
+
+NOBODY = 65534
+
+
+def as_other_user(function, *args):
+    """Run `function(*args)` where permissions apply: as root, in a forked child that dropped to the
+    user nobody (so a permission test cannot pass vacuously); as anyone else, right here. Returns its
+    result, or raises AssertionError with the child's exception. Import what the function needs first:
+    the child may not be able to read the interpreter's own files."""
+    import os
+    import pickle
+    import traceback
+
+    if os.geteuid() != 0:
+        return function(*args)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            import torch
+            torch.set_num_threads(1)  # the parent's OpenMP pool did not survive the fork (as in DataLoader workers)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            outcome = ("ok", function(*args))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            outcome = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        try:
+            payload = pickle.dumps(outcome)
+        except Exception as exc:  # noqa: BLE001
+            payload = pickle.dumps(("error", f"unpicklable result: {exc}"))
+        os.write(write, payload)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise AssertionError(f"as user nobody: {value}")
+    return value
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user can reach (pytest's own temp folders are private to their owner)."""
+    import os
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="boxrefiner-shared-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -51,15 +51,19 @@ def test_another_checkpoint_or_input_size_is_a_cold_cache(synthetic_root, tmp_pa
 def test_truncated_and_foreign_entries_are_healed(synthetic_root, tmp_path, caplog):
     raw = small_config(synthetic_root, tmp_path, training={"epochs": 2})
     first = train(config_from_dict(raw), CPU)
-    entries = sorted((tmp_path / "features" / "train").glob("*.npy"))
+    entries = sorted((tmp_path / "features" / "train").glob("*/*.npy"))
     data = entries[0].read_bytes()
     entries[0].write_bytes(data[: len(data) // 2])  # an interrupted copy
     np.save(entries[1], np.zeros((3, 3), np.float16))  # wrong shape under a right name
+    nan = np.load(entries[2])
+    nan[0, 0, 0] = np.nan
+    np.save(entries[2], nan)  # NaN: never served
     caplog.clear()
     second = train(config_from_dict(raw), CPU)
-    assert caplog.text.count("deleting it so that it is extracted again") == 2
-    assert "2 to extract" in caplog.text
+    assert caplog.text.count("deleting it so that it is extracted again") == 3
+    assert second.cache_stats["healed"] == 3 and second.cache_stats["found"] == 32
     assert comparable(second) == comparable(first)
+    assert all(np.isfinite(np.load(p)).all() and np.load(p).shape == (256, 16, 16) for p in entries[:3])
 
 
 def test_entry_broken_during_training_is_reextracted(synthetic_root, tmp_path):
@@ -68,7 +72,7 @@ def test_entry_broken_during_training_is_reextracted(synthetic_root, tmp_path):
     train_split, val_split = prepare_splits(cfg)
     sources = FeatureSources(cfg, CPU, train_split, val_split, "fp32")
     before = {int(i): f.clone() for idx, feats in sources.train for i, f in zip(idx, feats)}
-    victim = sorted((tmp_path / "features" / "train").glob("*.npy"))[3]
+    victim = sorted((tmp_path / "features" / "train").glob("*/*.npy"))[3]
     victim.write_bytes(b"garbage")
     sources.train.healed = 0
     after = {int(i): f for idx, feats in sources.train for i, f in zip(idx, feats)}
@@ -82,8 +86,8 @@ def _writer(args):
     cache = FeatureCache(folder, "train", IDENTITY)
     rng = np.random.default_rng(0)  # every writer writes the same values, as two runs of one encoder would
     for i in range(6):
-        cache.save(f"k{i}", rng.standard_normal(cache.shape).astype(np.float32))
-        cache.record({f"k{i}": {"file": f"img{i}.jpg", "writer": seed}})
+        cache.save(f"{i:02d}" + "k" * 38, rng.standard_normal(cache.shape).astype(np.float32), {"file": f"img{i}.jpg"})
+    cache.manifest.close()
     return True
 
 
@@ -91,10 +95,10 @@ def test_concurrent_writers_leave_valid_entries_and_manifest(tmp_path):
     with multiprocessing.get_context("fork").Pool(4) as pool:
         assert all(pool.map(_writer, [(str(tmp_path), s) for s in range(8)]))
     cache = FeatureCache(tmp_path, "train", IDENTITY)
-    assert all(cache.is_valid(f"k{i}") for i in range(6))
-    assert not list((tmp_path / "train").glob(".*.tmp"))
-    manifest = read_manifest(tmp_path / "train")
-    assert set(manifest["encoders"][cache.tag]["entries"]) == {f"k{i}" for i in range(6)}
+    keys = {f"{i:02d}" + "k" * 38 for i in range(6)}
+    assert all(cache.load(key) is not None for key in keys)
+    assert not list((tmp_path / "train").rglob(".*.tmp"))
+    assert set(read_manifest(tmp_path / "train")[cache.tag].entries) == keys
 
 
 def test_cache_on_equals_cache_off(synthetic_root, tmp_path):
@@ -137,13 +141,14 @@ def test_disk_room_is_checked_before_extraction(tmp_path, monkeypatch):
 def test_clear_one_encoder_or_all(tmp_path):
     mine = FeatureCache(tmp_path, "train", IDENTITY)
     other = FeatureCache(tmp_path, "val", EncoderIdentity("vit_h", "c" * 64, 1024, "fp32"))
+    key = "ab" * 20
     for cache in (mine, other):
-        cache.save("x", np.zeros(cache.shape, np.float32))
-        cache.record({"x": {"file": "x.jpg"}})
+        cache.save(key, np.zeros(cache.shape, np.float32), {"file": "x.jpg"})
     files, size = clear_cache(tmp_path, cache_tag(IDENTITY, "float16"))
-    assert files == 1 and size > 0 and not mine.path("x").exists() and other.path("x").exists()
+    assert files == 1 and size > 0 and not mine.path(key).exists() and other.path(key).exists()
+    assert mine.listed() == {} and set(other.listed()) == {key}
     assert clear_cache(tmp_path) == (1, other.entry_bytes)  # 'all'
-    assert not other.path("x").exists()
+    assert not other.path(key).exists() and other.listed() == {}
 
 
 def test_image_augmentation_is_refused():
@@ -164,18 +169,25 @@ def test_cache_stats_count_hits_misses_and_bytes(synthetic_root, tmp_path):
     cfg = config_from_dict(small_config(synthetic_root, tmp_path))
     train_split, val_split = prepare_splits(cfg)
     cold = FeatureSources(cfg, CPU, train_split, val_split, "fp32").get_cache_stats()
-    assert (cold["hits"], cold["misses"], cold["hit_rate"], cold["healed"]) == (0, 32, 0.0, 0)
+    assert (cold["found"], cold["extracted"], cold["served"], cold["encoded"], cold["healed"]) == (0, 32, 0, 0, 0)
     assert cold["bytes_read"] == 32 * 256 * 16 * 16 * 2  # read into memory once
-    next(iter((tmp_path / "features" / "val").glob("*.npy"))).write_bytes(b"broken")
-    warm = FeatureSources(cfg, CPU, train_split, val_split, "fp32").get_cache_stats()
-    assert (warm["hits"], warm["misses"], warm["healed"]) == (31, 1, 1)
+    next(iter((tmp_path / "features" / "val").glob("*/*.npy"))).write_bytes(b"broken")
+    warm_sources = FeatureSources(cfg, CPU, train_split, val_split, "fp32")
+    for _ in range(2):
+        for _ in warm_sources.train:
+            pass
+    warm = warm_sources.get_cache_stats()
+    assert (warm["found"], warm["extracted"], warm["healed"]) == (32, 0, 1)  # the manifest lists it; healed on read
+    assert (warm["served"], warm["encoded"], warm["hit_rate"]) == (48, 0, 1.0)  # two epochs of training reads
     streamed_cfg = config_from_dict(small_config(synthetic_root, tmp_path, optimization={
         "feature_cache": {"cache_dir": str(tmp_path / "features"), "in_memory": False}}))
     streamed = FeatureSources(streamed_cfg, CPU, train_split, val_split, "fp32")
+    next(iter((tmp_path / "features" / "train").glob("*/*.npy"))).write_bytes(b"broken")
     for _ in streamed.train:
         pass
     stats = streamed.get_cache_stats()
-    assert stats["hit_rate"] == 1.0 and stats["bytes_read"] == 24 * 256 * 16 * 16 * 2
+    assert (stats["served"], stats["encoded"], stats["healed"]) == (23, 1, 1)
+    assert stats["hit_rate"] == 23 / 24 and stats["bytes_read"] == 23 * 256 * 16 * 16 * 2
 
 
 def test_clear_cache_flag_removes_only_this_encoders_entries(synthetic_root, tmp_path, caplog):
@@ -186,6 +198,6 @@ def test_clear_cache_flag_removes_only_this_encoders_entries(synthetic_root, tmp
     train(config_from_dict(other), CPU)
     clear_features(config_from_dict(raw), every_encoder=False)
     assert "removed 32 feature files" in caplog.text
-    assert len(list((tmp_path / "features").glob("*/*.npy"))) == 32  # the 320-input encoder's remain
+    assert len(list((tmp_path / "features").glob("*/*/*.npy"))) == 32  # the 320-input encoder's remain
     clear_features(config_from_dict(raw), every_encoder=True)
-    assert not list((tmp_path / "features").glob("*/*.npy"))
+    assert not list((tmp_path / "features").rglob("*.npy"))

@@ -65,7 +65,7 @@ def test_checkpoint_of_another_model_type_is_refused(sam_tiny_checkpoint):
 
 @pytest.mark.parametrize("content,match", [
     ({"weights": torch.zeros(3)}, "no 'image_encoder.\\*' weights"),
-    (b"not a checkpoint at all", "cannot be read as a PyTorch checkpoint"),
+    (b"not a checkpoint at all", "hqsam.checkpoint .* cannot be read: "),
 ])
 def test_foreign_files_are_refused(tmp_path, content, match):
     path = tmp_path / "bad.pth"
@@ -128,3 +128,117 @@ def test_cached_entry_is_the_predictors_features_in_float16(sam_tiny_checkpoint,
     predictor = SamPredictor(sam)
     predictor.set_image(load_rgb(sample.image_path))
     assert np.array_equal(cache.load(key), predictor.features[0].numpy().astype(np.float16))
+
+
+# --- checkpoints whose every tensor differs from a fresh build (as any trained file's do) -------------
+
+def reference_sam(model_type: str, input_size: int):
+    """HQ-SAM built by segment_anything_hq's own classes (vit_tiny: its registry builder at 1024)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from segment_anything_hq import modeling, sam_model_registry
+    if model_type == "vit_tiny":
+        return sam_model_registry["vit_tiny"](checkpoint=None)
+    from functools import partial
+    encoder = modeling.ImageEncoderViT(depth=12, embed_dim=768, img_size=input_size, mlp_ratio=4,
+                                       norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=12, patch_size=16,
+                                       qkv_bias=True, use_rel_pos=True, global_attn_indexes=[2, 5, 8, 11],
+                                       window_size=14, out_chans=256)
+    grid = input_size // 16
+    return modeling.Sam(image_encoder=encoder,
+                        prompt_encoder=modeling.PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+                                                              input_image_size=(input_size, input_size), mask_in_chans=16),
+                        mask_decoder=modeling.MaskDecoderHQ(
+                            num_multimask_outputs=3, transformer=modeling.TwoWayTransformer(
+                                depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256, vit_dim=768),
+                        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+
+
+@pytest.fixture(scope="module", params=[("vit_tiny", 1024), ("vit_b", 256)], ids=["vit_tiny", "vit_b"])
+def perturbed(request, tmp_path_factory, synthetic_root):
+    """A checkpoint with every tensor moved off its fresh-build value, and SamPredictor's features and
+    masks for one image with those weights (loaded, then switched to eval, as a correct loader does)."""
+    from segment_anything_hq import SamPredictor
+
+    from boxrefiner.data import load_rgb
+    model_type, size = request.param
+    torch.manual_seed(5)
+    sam = reference_sam(model_type, size)
+    generator = torch.Generator().manual_seed(6)
+
+    def moved(name, value):
+        if not value.is_floating_point():
+            return value + 1  # BatchNorm's num_batches_tracked
+        if name.endswith("running_var"):
+            return value * (1.1 + torch.rand(value.shape, generator=generator))  # stays positive
+        return value + 0.05 * torch.randn(value.shape, generator=generator)
+
+    fresh = sam.state_dict()
+    state = {k: moved(k, v) for k, v in fresh.items()}
+    assert all(not torch.equal(state[k], fresh[k]) for k in fresh)
+    path = tmp_path_factory.mktemp("perturbed") / f"sam_hq_{model_type}.pth"
+    torch.save(state, path)
+    sam.load_state_dict(state)
+    sam.eval()
+    image_path = next((synthetic_root / "FungiTastic-Mini" / "val" / "300p").glob("*.JPG"))
+    image = load_rgb(image_path)
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    box = np.array([20.0, 30.0, 180.0, 200.0])
+    masks, _, _ = predictor.predict(box=box, multimask_output=False)
+    return {"model_type": model_type, "size": size, "checkpoint": path, "image": image_path,
+            "features": predictor.features[0].clone(), "box": box, "mask": masks[0]}
+
+
+def perturbed_config(perturbed, work, **training):
+    from boxrefiner.config import config_from_dict
+    from conftest import small_config
+    return config_from_dict(small_config(work, work, training=training, hqsam={
+        "model_type": perturbed["model_type"], "input_size": perturbed["size"], "allow_random_init": False,
+        "checkpoint": str(perturbed["checkpoint"]), "batch_size": 1},
+        optimization={"feature_cache": {"cache_dir": str(work / "features"), "storage_dtype": "float32"}}))
+
+
+def one_sample_split(perturbed):
+    from boxrefiner.data import Sample, SplitData, oriented_size
+    width, height = oriented_size(perturbed["image"])
+    return SplitData("val", [Sample(perturbed["image"].name, perturbed["image"], width, height, (10, 10, 100, 100))])
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "cache_off"])
+def test_training_features_are_the_checkpoints(perturbed, tmp_path, cache):
+    from boxrefiner.features import FeatureSources
+    cfg = perturbed_config(perturbed, tmp_path, feature_cache=cache)
+    sources = FeatureSources(cfg, CPU, one_sample_split(perturbed), one_sample_split(perturbed), "fp32")
+    [(_, features)] = list(sources.val)
+    torch.testing.assert_close(features[0], perturbed["features"], rtol=0, atol=1e-4)
+
+
+def test_refiner_features_and_masks_are_the_checkpoints(perturbed, tmp_path):
+    from boxrefiner.model import BoxRefinementModule
+    from boxrefiner.refiner import BoxRefiner
+    cfg = perturbed_config(perturbed, tmp_path)
+    identity = encoder_identity(cfg.hqsam)
+    refiner = BoxRefiner(BoxRefinementModule(), identity, cfg, CPU, read_cache=False, with_masks=True, num_workers=0)
+    [item] = refiner.image_features([perturbed["image"]], for_masks=True)
+    torch.testing.assert_close(item.embedding, perturbed["features"], rtol=0, atol=1e-4)  # float32 storage
+    masks, _ = refiner.prompter.masks(*item.sam_features, item.width, item.height, perturbed["box"][None])
+    assert (masks[0] != perturbed["mask"]).mean() < 1e-3
+    plain = BoxRefiner(BoxRefinementModule(), identity, cfg, CPU, read_cache=False, num_workers=0)  # encoder alone
+    [item] = plain.image_features([perturbed["image"]])
+    torch.testing.assert_close(item.embedding, perturbed["features"], rtol=0, atol=1e-4)
+
+
+def test_entries_of_the_old_vit_tiny_path_are_never_served(tmp_path):
+    from boxrefiner.cache import FeatureCache
+    from boxrefiner.encoder import EncoderIdentity
+    cfg = HQSAMConfig(model_type="vit_tiny", allow_random_init=True, input_size=256)
+    now = encoder_identity(cfg)
+    before = EncoderIdentity(now.model_type, now.weights, now.input_size, now.precision)  # saved by version 0.2
+    old = FeatureCache(tmp_path, "train", before)
+    old.save(old.key_for("image"), np.ones(old.shape, np.float32), {"file": "x.jpg"})
+    current = FeatureCache(tmp_path, "train", now)
+    assert current.key_for("image") != old.key_for("image") and current.load(current.key_for("image")) is None
+    assert now.current and not before.current
+    assert encoder_identity(HQSAMConfig(model_type="vit_b", allow_random_init=True)).revision == ""  # keys kept

@@ -87,3 +87,22 @@ def test_hand_written_dataset_trains(hand_root, tmp_path):
     cfg = config_from_dict(small_config(hand_root, tmp_path, training={"epochs": 1, "batch_size": 2}))
     history = train(cfg, torch.device("cpu"))
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
+
+
+def test_wide_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, caplog):
+    from boxrefiner.encoder import preprocess
+    from boxrefiner.features import ImageDataset
+    ramp = np.linspace(0, 1, 48 * 64).reshape(48, 64)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray((ramp * 4_000_000 - 1_000_000).astype(np.int32)).save(tmp_path / "i32.tif")
+    Image.fromarray((ramp * 7.5 + 2).astype(np.float32)).save(tmp_path / "f32.tif")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    for name in ("g16.png", "i32.tif", "f32.tif"):
+        rgb = load_rgb(tmp_path / name)
+        assert rgb.dtype == np.uint8 and rgb.shape == (48, 64, 3)
+        assert rgb.min() == 0 and rgb.max() == 255 and 120 < rgb.mean() < 135, name  # the ramp, not all white
+        np.testing.assert_allclose(rgb[..., 0] / 255.0, ramp, atol=1 / 255)
+        _, tensor = ImageDataset([tmp_path / name], 64)[0]  # what training, refinement and masks are fed
+        assert torch.equal(tensor, preprocess(rgb, 64))
+    assert "32-bit integer image: scaled to 8 bits by its own min-max range" in caplog.text
+    assert "floating-point image" in caplog.text

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from boxrefiner.cache import read_manifest
 from boxrefiner.checkpoint import load_checkpoint
 from boxrefiner.config import config_from_dict
 from boxrefiner.data import ground_truth_mask, load_split, read_masks, split_paths
@@ -312,9 +313,8 @@ def test_stored_features_are_found_by_the_next_run(trained, val_images, detectio
     a, b = first.refine(image, box), second.refine(image, box)
     assert (first.encoded, second.encoded, second.cache_hits) == (1, 0, 1)
     np.testing.assert_array_equal(a.boxes, b.boxes)
-    manifest = json.loads((tmp_path / "c" / "inference" / "manifest.json").read_text())
-    [encoder] = manifest["encoders"].values()
-    assert [e["file"] for e in encoder["entries"].values()] == [str(image)]
+    [encoder] = read_manifest(tmp_path / "c" / "inference").values()
+    assert [e["file"] for e in encoder.entries.values()] == [str(image)]
 
 
 def test_several_boxes_per_image_subfolders_and_a_box_outside(trained, val_images, detections, tmp_path):
