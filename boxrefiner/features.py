@@ -28,7 +28,7 @@ from .config import Config
 from .data import DECODE_ERRORS, Sample, SplitData, load_rgb, readable
 from .encoder import EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, preprocess
 from .progress import progress
-from .signals import StopRequest, ignore_stop_signals
+from .signals import StopRequest, ignore_stop_signals, reap_workers_at_exit, stop_signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,26 @@ class EpochShuffle(Sampler):
         return self.size - self.skip
 
 
+class _StopSafeLoader(DataLoader):
+    """A DataLoader whose workers start with SIGINT/SIGTERM held back (see `stop_signals_blocked`)."""
+
+    def _get_iterator(self):  # type: ignore[no-untyped-def]
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with stop_signals_blocked():
+            return super()._get_iterator()
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
                 sampler: Sampler | None = None, collate_fn=None, persistent: bool = True) -> DataLoader:
     # A private generator: creating an iterator must not draw from the global RNG, or a run that had
     # to extract features would initialise and train differently from one that found them cached.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
-                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(0),
-                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+    if num_workers > 0:
+        reap_workers_at_exit()
+    return _StopSafeLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                           pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+                           collate_fn=collate_fn, generator=torch.Generator().manual_seed(0),
+                           worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
 
 
 @dataclass

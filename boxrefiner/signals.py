@@ -9,8 +9,11 @@ nothing saved.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -32,9 +35,47 @@ class Interrupted(Exception):
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: leave SIGINT/SIGTERM to the main process (torch's own worker
-    SIGTERM handler would end the worker, and a forked worker inherits the main SIGINT handler)."""
+    SIGTERM handler would end the worker, and a forked worker inherits the main SIGINT handler).
+    Workers are started with the signals blocked (`stop_signals_blocked`): one sent before this runs
+    waits, and is discarded here."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while DataLoader workers are forked: a child inherits the blocked mask,
+    so a signal to the process group during start-up cannot kill a worker before it ignores the
+    signals. The main process receives a held-back signal when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_REAPER_REGISTERED = False
+
+
+def reap_workers_at_exit() -> None:
+    """Make sure workers that ignore SIGTERM cannot hold up the interpreter's exit.
+
+    At exit, multiprocessing ends daemonic children with SIGTERM and then waits for them; a DataLoader
+    whose iterator is still referenced (by a traceback, say) has not told its workers to stop, and they
+    ignore SIGTERM. This hook, registered after multiprocessing's own and so run before it, kills them."""
+    global _REAPER_REGISTERED
+    if not _REAPER_REGISTERED:
+        atexit.register(_reap_workers)
+        _REAPER_REGISTERED = True
+
+
+def _reap_workers() -> None:
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 class StopRequest:

@@ -361,3 +361,31 @@ def test_sigterm_during_extraction_ends_with_one_line_and_complete_entries(synth
     assert all(np.load(p).shape == (256, 32, 32) for p in entries)
     assert {p.stem for p in entries} <= {k for e in read_manifest(folder).values() for k in e.entries}
     assert not (tmp_path / "ckpt" / LOCK_NAME).exists()
+
+
+WORKER_START_SCRIPT = """
+import os, signal, sys, time
+import boxrefiner.features as features
+from boxrefiner.signals import ignore_stop_signals
+import torch
+
+def slow_start(worker_id):  # a worker still starting up when the signal comes
+    time.sleep(1.0)
+    ignore_stop_signals(worker_id)
+
+features.ignore_stop_signals = slow_start
+received = []
+signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+loader = features.make_loader(list(range(8)), 2, 2, torch.device("cpu"), persistent=False)
+batches = iter(loader)
+os.killpg(0, signal.SIGTERM)  # as systemd or scancel would: every process of the group
+print(sum(len(b) for b in batches), received, flush=True)
+"""
+
+
+def test_a_signal_while_workers_start_reaches_the_main_process_only(tmp_path):
+    script = tmp_path / "start.py"
+    script.write_text(WORKER_START_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.split() == ["8", f"[{int(signal.SIGTERM)}]"], done.stderr[-2000:]
