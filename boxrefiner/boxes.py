@@ -7,6 +7,8 @@ input_size / max(h, w) and padded right and bottom), so [0, 1] spans the whole e
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 EPS = 1e-7
@@ -29,14 +31,29 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=EPS)
 
 
-def iou_summary(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+WORSE_TOLERANCE = 0.005  # "made worse" in the tolerant sense: IoU lower by more than this
+
+
+def iou_summary(before: torch.Tensor, after: torch.Tensor, predicted: torch.Tensor | None = None) -> dict[str, float | None]:
     """How refinement changed per-box IoUs with the truth (`before`, `after`: (N,) IoUs, boxes or masks):
-    means, share made worse, and shares at IoU >= 0.75 and >= 0.9."""
+    means, share made worse (strictly, and by more than WORSE_TOLERANCE), shares at IoU >= 0.75 and
+    >= 0.9; with `predicted` (the refiner's predicted IoU of each returned box), how well it ranks the
+    boxes (Spearman's rank correlation with the actual IoU)."""
     before, after = before.double(), after.double()
     return {"iou_input": before.mean().item(), "iou_refined": after.mean().item(),
             "worse_rate": (after < before - 1e-6).double().mean().item(),
+            "worse_rate_tol": (after < before - WORSE_TOLERANCE).double().mean().item(),
             "iou75_input": (before >= 0.75).double().mean().item(), "iou75_refined": (after >= 0.75).double().mean().item(),
-            "iou90_input": (before >= 0.9).double().mean().item(), "iou90_refined": (after >= 0.9).double().mean().item()}
+            "iou90_input": (before >= 0.9).double().mean().item(), "iou90_refined": (after >= 0.9).double().mean().item(),
+            "iou_pred_spearman": None if predicted is None else spearman(predicted, after)}
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation, ties sharing their mean rank (None when undefined: fewer than 2
+    values, or a constant side)."""
+    import pandas as pd
+    value = pd.Series(a.double().cpu().numpy()).rank().corr(pd.Series(b.double().cpu().numpy()).rank())
+    return None if math.isnan(value) else float(value)
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,17 +91,39 @@ def apply_deltas(boxes: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     return cxcywh_to_xyxy(torch.stack([cx + dx * w, cy + dy * h, w * dw.exp(), h * dh.exp()], dim=-1))
 
 
-def jitter_boxes(boxes: torch.Tensor, extent: torch.Tensor, center_std: float, scale_std: float,
-                 max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+def jitter_boxes(boxes: torch.Tensor, extent: torch.Tensor, center_std: float | torch.Tensor,
+                 scale_std: float | torch.Tensor, max_sigma: float | torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
     """Imitate detector error: centre shift and log-scale change relative to each box's own size.
 
-    Draws are clipped at `max_sigma` standard deviations so that no box leaves the image entirely.
+    The stds are numbers or (N,) tensors (one level per box). Draws are clipped at `max_sigma`
+    standard deviations so that no box leaves the image entirely.
     """
     n = boxes.shape[0]
-    noise = torch.randn(n, 4, generator=generator, dtype=torch.float64).clamp(-max_sigma, max_sigma)
-    deltas = noise * torch.tensor([center_std, center_std, scale_std, scale_std], dtype=torch.float64)
+    sigma = _column(max_sigma)
+    noise = torch.maximum(torch.minimum(torch.randn(n, 4, generator=generator, dtype=torch.float64), sigma), -sigma)
+    center, scale = _column(center_std), _column(scale_std)
+    deltas = noise * torch.cat([center, center, scale, scale], dim=1)
     jittered = apply_deltas(boxes.double(), deltas)
     return clip_boxes(jittered, extent.double()).to(boxes.dtype)
+
+
+def _column(value: float | torch.Tensor) -> torch.Tensor:
+    """A number or (N,) tensor as a float64 column that broadcasts over (N, 4)."""
+    return torch.as_tensor(value, dtype=torch.float64).reshape(-1, 1)
+
+
+def jitter_with_levels(boxes: torch.Tensor, extent: torch.Tensor, levels: list[tuple[float, float, float, float]],
+                       generator: torch.Generator) -> torch.Tensor:
+    """`jitter_boxes` with one noise level drawn per box from `levels` ((center_std, scale_std,
+    max_sigma, weight) each, drawn in proportion to weight). One level draws nothing extra."""
+    if len(levels) == 1:
+        center, scale, sigma, _ = levels[0]
+        return jitter_boxes(boxes, extent, center, scale, sigma, generator)
+    table = torch.tensor(levels, dtype=torch.float64)
+    pick = torch.multinomial(table[:, 3], boxes.shape[0], replacement=True, generator=generator)
+    chosen = table[pick]
+    return jitter_boxes(boxes, extent, chosen[:, 0], chosen[:, 1], chosen[:, 2], generator)
 
 
 def hflip_boxes(boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

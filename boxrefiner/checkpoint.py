@@ -65,6 +65,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 PROTECTED_KEYS = ("model.", "refinement.max_iter", "hqsam.model_type", "hqsam.input_size", "hqsam.precision",
                   "data.data_subset", "data.train_split", "data.val_split", "data.image_size", "data.masks_file",
                   "data.sample_ratio", "data.box_noise.", "training.seed", "evaluation.noise_seed",
+                  "evaluation.box_noise.", "evaluation.levels.", "evaluation.boxes_per_level",
                   "optimization.feature_cache.storage_dtype")
 
 
@@ -86,6 +87,6 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            protected = any(key == p or (p.endswith(".") and key.startswith(p)) for p in PROTECTED_KEYS)
+            protected = any(key == p.rstrip(".") or (p.endswith(".") and key.startswith(p)) for p in PROTECTED_KEYS)
             (refused if protected else allowed).append(change)
     return allowed, refused

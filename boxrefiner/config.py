@@ -39,6 +39,11 @@ class ModelConfig:
     max_offset: float = _spec(0.5, lo=0, hi=2.0, lo_open=True)
     roi_size: int = _spec(14, lo=2, hi=64)
     context_scale: float = _spec(1.6, lo=1.0, hi=4.0)
+    dropout: float = _spec(0.1, lo=0.0, hi=1.0, hi_open=True)  # before the MLP's last layer
+    # Dilated 3x3 convolutions over the whole embedding (dilation 2, 4, ...), computed once per image:
+    # each cell then knows its surroundings before a box samples it. 0: sample the embedding itself.
+    context_layers: int = _spec(2, lo=0, hi=4)
+    context_dim: int = _spec(64, lo=8)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class RefinementConfig:
     max_iter: int = _spec(3, lo=1, hi=20)
     # Inference only: a box stops once its largest normalised correction falls below this.
     stop_threshold: float = _spec(0.01, lo=0.0)
+    # Inference: each box keeps the candidate (input box included) with the highest predicted IoU; a
+    # refined candidate must beat the input's predicted IoU by keep_margin. gate: false returns the
+    # last iteration's box, as versions before the quality head did.
+    gate: bool = True
+    keep_margin: float = _spec(0.1, lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -53,19 +63,26 @@ class TrainingConfig:
     batch_size: int = _spec(16, lo=1)
     epochs: int = _spec(30, lo=1)
     learning_rate: float = _spec(3e-4, lo=0, lo_open=True)
-    weight_decay: float = _spec(1e-4, lo=0)
+    weight_decay: float = _spec(0.05, lo=0)
     lr_scheduler: Literal["cosine", "step", "none"] = "cosine"
     warmup_epochs: int = _spec(1, lo=0)
     lr_step_epochs: int = _spec(10, lo=1)
     lr_gamma: float = _spec(0.1, lo=0, hi=1, lo_open=True)
     grad_clip: float = _spec(1.0, lo=0)
     max_nonfinite_steps: int = _spec(10, lo=1)  # consecutive NaN/inf losses (each step skipped) before stopping
+    patience: int = _spec(10, lo=0)  # stop after this many epochs without a better best_model.pth; 0: never
     use_amp: bool = False
     feature_cache: bool = True
     # Mirror feature map and boxes together at random: the only augmentation that works on cached
     # features (image-space augmentation cannot). Off by default: on the demo it did not help
     # (val IoU 0.663 vs 0.666 and 0.680 vs 0.667 over two seeds) and cost 40% of a warm epoch.
     hflip: bool = False
+    # Input boxes drawn per object and step: each object's map is read once and looked at from this
+    # many independently jittered boxes (more box variety per image at little cost).
+    boxes_per_object: int = _spec(4, lo=1, hi=64)
+    # Zero whole embedding channels at random during training (dropout2d), so that the head cannot
+    # memorise a few images' feature values.
+    feature_dropout: float = _spec(0.2, lo=0.0, hi=0.9)
     seed: int = _spec(42, lo=0)
 
 
@@ -73,6 +90,9 @@ class TrainingConfig:
 class LossConfig:
     l1_weight: float = _spec(5.0, lo=0)
     iou_weight: float = _spec(2.0, lo=0)
+    quality_weight: float = _spec(1.0, lo=0)  # the predicted IoU of every box the head looks at
+    # Within that term: each refined box's predicted IoU gain over the input box, what the gate compares.
+    quality_pair_weight: float = _spec(3.0, lo=0)
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,7 @@ class BoxNoiseConfig:
     center_std: float = _spec(0.1, lo=0, hi=1)  # centre shift, fraction of the box's width/height
     scale_std: float = _spec(0.15, lo=0, hi=1)  # std of log(width) and log(height) jitter
     max_sigma: float = _spec(2.5, lo=0, lo_open=True)  # draws are clipped at this many stds
+    weight: float = _spec(1.0, lo=0, lo_open=True)  # in a list of levels: how often this one is drawn
 
 
 @dataclass(frozen=True)
@@ -101,8 +122,15 @@ class DataConfig:
     masks_file: Optional[str] = None
     sample_ratio: Optional[float] = _spec(None, lo=0, hi=1, lo_open=True)
     num_workers: int = _spec(2, lo=0)
-    box_noise: BoxNoiseConfig = field(default_factory=BoxNoiseConfig)
+    # One level, or a list of levels drawn per object (e.g. near-exact boxes and loose ones, so that
+    # the head learns to leave good boxes alone).
+    box_noise: Union[BoxNoiseConfig, tuple[BoxNoiseConfig, ...]] = field(default_factory=lambda: (
+        BoxNoiseConfig(0.02, 0.03), BoxNoiseConfig(0.1, 0.15), BoxNoiseConfig(0.2, 0.3)))
     synthetic: Optional[SyntheticDataConfig] = None
+
+    @property
+    def noise_levels(self) -> tuple[BoxNoiseConfig, ...]:
+        return self.box_noise if isinstance(self.box_noise, tuple) else (self.box_noise,)
 
 
 @dataclass(frozen=True)
@@ -141,10 +169,24 @@ class OptimizationConfig:
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
 
+DEFAULT_LEVELS = {"small": (0.03, 0.05), "medium": (0.1, 0.15), "large": (0.2, 0.3)}
+
+
 @dataclass(frozen=True)
 class EvaluationConfig:
     noise_seed: int = _spec(1234, lo=0)  # fixes the validation input boxes across epochs and runs
     batch_size: Optional[int] = _spec(None, lo=1)  # default: training.batch_size
+    # The run's own validation boxes (metrics without a level suffix). Default: data.box_noise when it
+    # is one level, else center_std 0.1 / scale_std 0.15.
+    box_noise: Optional[BoxNoiseConfig] = None
+    # Fixed noise levels every validation (and evaluate_refiner.py) reports: name -> [center_std, scale_std].
+    levels: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_LEVELS))
+    boxes_per_level: int = _spec(8, lo=1, hi=64)  # fixed input boxes per image and level
+
+    def own_noise(self, data: DataConfig) -> BoxNoiseConfig:
+        if self.box_noise is not None:
+            return self.box_noise
+        return data.box_noise if isinstance(data.box_noise, BoxNoiseConfig) else BoxNoiseConfig()
 
 
 @dataclass(frozen=True)
@@ -222,15 +264,34 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str, ignored: list[str] | None = None) -> Any:
     """Convert one YAML value to the annotated type, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            what = "a list" if args[-1] is Ellipsis else f"a list of {len(args)}"
+            raise ConfigError(f"config key '{key}': expected {what}, got {value!r}")
+        if args[-1] is Ellipsis:
+            if not value:
+                raise ConfigError(f"config key '{key}': the list is empty")
+            return tuple(_convert(v, args[0], f"{key}[{i}]", ignored) for i, v in enumerate(value))
+        return tuple(_convert(v, a, f"{key}[{i}]", ignored) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {_convert(k, key_type, key, ignored): _convert(v, value_type, f"{key}.{k}", ignored)
+                for k, v in value.items()}
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         for arg in (a for a in args if a is not type(None)):
+            shaped = (isinstance(value, dict) and dataclasses.is_dataclass(arg)) or (
+                isinstance(value, list) and typing.get_origin(arg) is tuple)
             try:
                 return _convert(value, arg, key, ignored)
             except ConfigError:
-                continue
+                if shaped:  # the value has this option's shape: its own message says what is wrong inside
+                    raise
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -308,6 +369,12 @@ def _cross_check(cfg: Config) -> None:
     if not (isinstance(size, int) and size > 0) and size != "fullsize":
         raise ConfigError(f"config key 'data.image_size': expected a size such as 300, 500, 720 or "
                           f"'fullsize', got {size!r}")
+    for name, (center, scale) in cfg.evaluation.levels.items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):  # it names metrics: val_iou_refined_<name>
+            raise ConfigError(f"config key 'evaluation.levels.{name}': a level's name may hold letters, digits and _ only")
+        if not (0 <= center <= 1 and 0 <= scale <= 1):
+            raise ConfigError(f"config key 'evaluation.levels.{name}': [center_std, scale_std] must lie in [0, 1], "
+                              f"got [{center}, {scale}]")
     if not cfg.data.data_root:
         raise ConfigError("config key 'data.data_root' is required: the FungiTastic root holding "
                           "metadata/, FungiTastic-Mini/ and masks/")

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .allocator import keep_freed_memory
 from .cache import CacheError
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -58,6 +59,16 @@ positive_int = _int_at_least(1)  # argparse types
 non_negative_int = _int_at_least(0)
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+non_negative_float.__name__ = "number"
+
+
 def resolve_device(name: str) -> torch.device:
     """auto: CUDA when present, else CPU; an explicit device must exist."""
     if name == "auto":
@@ -80,6 +91,7 @@ def run_command(run: Callable[[list[str] | None], int], argv: list[str] | None =
                 fatal: tuple[type[Exception], ...] = ()) -> int:
     """Run a command; user errors exit 2 and `fatal` errors (a run that cannot go on) exit 1, each with
     one line on stderr."""
+    keep_freed_memory()
     try:
         return run(argv)
     except USER_ERRORS as exc:

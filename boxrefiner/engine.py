@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .boxes import box_iou, hflip_boxes, hflip_extent, iou_summary, jitter_boxes
+from .boxes import box_iou, hflip_boxes, hflip_extent, iou_summary, jitter_boxes, jitter_with_levels
 from .checkpoint import (BEST, LAST, CheckpointError, config_changes, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import Config
+from .config import BoxNoiseConfig, Config
 from .data import DataError, Sample, SplitData, expected_layout, load_split
 from .encoder import EMBED_DIM, EncoderIdentity, autocast_context, encoder_identity
 from .features import FeatureBatches, FeatureSources
@@ -119,7 +120,8 @@ def build_optimization(cfg: Config, model: BoxRefinementModule, steps_per_epoch:
 def model_arguments(cfg: Config) -> dict[str, Any]:
     m = cfg.model
     return {"embed_dim": EMBED_DIM, "hidden_dim": m.hidden_dim, "num_heads": m.num_heads, "max_offset": m.max_offset,
-            "max_iter": cfg.refinement.max_iter, "roi_size": m.roi_size, "context_scale": m.context_scale}
+            "max_iter": cfg.refinement.max_iter, "roi_size": m.roi_size, "context_scale": m.context_scale,
+            "quality_head": True, "dropout": m.dropout, "context_layers": m.context_layers, "context_dim": m.context_dim}
 
 
 class TrainingError(RuntimeError):
@@ -133,7 +135,7 @@ class EpochProgress:
     step: int = 0
     fetched: int = 0  # samples taken from the loader
     seen: int = 0  # samples that contributed a finite loss
-    totals: dict = field(default_factory=lambda: {"loss": 0.0, "l1": 0.0, "giou": 0.0})
+    totals: dict = field(default_factory=lambda: {"loss": 0.0, "l1": 0.0, "giou": 0.0, "quality": 0.0})
     seconds: float = 0.0
     data_seconds: float = 0.0
     cache_reads: int = 0
@@ -152,7 +154,7 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
     request ended the epoch early, and progress then says where to continue."""
     model.train()
     device = next(model.parameters()).device
-    noise = cfg.data.box_noise
+    levels = noise_table(cfg.data.noise_levels)
     state = resume or EpochProgress(epoch)
     generator = torch.Generator().manual_seed(cfg.training.seed * 100_003 + epoch)  # fresh jitter each epoch
     if state.jitter_state is not None:
@@ -170,24 +172,29 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
             fetch = time.perf_counter()
             continue
         state.fetched += len(indices)
+        copies = cfg.training.boxes_per_object
         gt, extent = targets.boxes[indices], targets.extent[indices]
-        inputs = jitter_boxes(gt, extent, noise.center_std, noise.scale_std, noise.max_sigma, generator)
         if cfg.training.hflip:
             flip = torch.rand(len(indices), generator=generator) < 0.5
-            gt, inputs, extent = hflip_boxes(gt, flip), hflip_boxes(inputs, flip), hflip_extent(extent, flip)
+            gt, extent = hflip_boxes(gt, flip), hflip_extent(extent, flip)
             features = torch.where(flip.to(device)[:, None, None, None], features.flip(-1), features)
+        if cfg.training.feature_dropout > 0:
+            features = drop_channels(features, cfg.training.feature_dropout, generator)
+        gt, extent = gt.repeat_interleave(copies, 0), extent.repeat_interleave(copies, 0)
+        inputs = jitter_with_levels(gt, extent, levels, generator)  # fresh, independent boxes for every copy
+        per_image = torch.arange(len(indices), device=device).repeat_interleave(copies) if copies > 1 else None
         gt, extent, inputs = gt.to(device), extent.to(device), inputs.to(device)
         with autocast_context(device, precision):
-            iterations = model(features, inputs, extent)
-        loss = refinement_loss(iterations, gt, cfg.loss.l1_weight, cfg.loss.iou_weight)
+            trajectory = model(features, inputs, extent, image_index=per_image)
+        loss = training_loss(trajectory, gt, cfg)
         optimizer.zero_grad(set_to_none=True)
         if torch.isfinite(loss.total):
             consecutive_nonfinite = 0
             optimizer_step(model, optimizer, scaler, loss.total, cfg.training.grad_clip)
             n = len(indices)
             state.seen += n
-            for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou)):
-                state.totals[name] += value.item() * n
+            for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
+                state.totals[name] = state.totals.get(name, 0.0) + value.item() * n
         else:  # skip the step: a NaN/inf loss would poison the weights
             consecutive_nonfinite += 1
             state.nonfinite_steps += 1
@@ -220,10 +227,23 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
         return None, state
     seen = max(1, state.seen)
     return {"train_loss": state.totals["loss"] / seen, "train_l1": state.totals["l1"] / seen,
-            "train_giou_loss": state.totals["giou"] / seen, "epoch_seconds": state.seconds,
+            "train_giou_loss": state.totals["giou"] / seen, "train_quality_error": state.totals.get("quality", 0.0) / seen,
+            "epoch_seconds": state.seconds,
             "data_seconds": state.data_seconds, "samples_per_second": state.seen / state.seconds,
             "cache_hit_rate": state.cache_reads / max(1, state.fetched) if loader.from_cache else None,
             "cache_healed": state.healed, "nonfinite_steps": state.nonfinite_steps}, state
+
+
+def drop_channels(features: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Dropout2d drawn from the epoch's own generator, not the global RNG: a run with the cache off, or
+    resumed inside an epoch, draws the same channels as one that was not."""
+    keep = torch.rand(features.shape[0], features.shape[1], 1, 1, generator=generator) >= rate
+    return features.float() * (keep.to(features.device, torch.float32) / (1 - rate))
+
+
+def training_loss(trajectory, target: torch.Tensor, cfg: Config):
+    c = cfg.loss
+    return refinement_loss(trajectory, target, c.l1_weight, c.iou_weight, c.quality_weight, c.quality_pair_weight)
 
 
 def optimizer_step(model: BoxRefinementModule, optimizer, scaler, loss: torch.Tensor, grad_clip: float) -> None:
@@ -242,40 +262,83 @@ def optimizer_step(model: BoxRefinementModule, optimizer, scaler, loss: torch.Te
         optimizer.step()
 
 
-def validation_inputs(cfg: Config, targets: Targets) -> torch.Tensor:
-    """One fixed, seeded set of noisy validation boxes: numbers compare across epochs and runs."""
-    noise = cfg.data.box_noise
-    generator = torch.Generator().manual_seed(cfg.evaluation.noise_seed)
-    return jitter_boxes(targets.boxes, targets.extent, noise.center_std, noise.scale_std, noise.max_sigma, generator)
+def noise_table(levels) -> list[tuple[float, float, float, float]]:
+    return [(n.center_std, n.scale_std, n.max_sigma, n.weight) for n in levels]
+
+
+def validation_inputs(cfg: Config, targets: Targets) -> dict[str, torch.Tensor]:
+    """Fixed, seeded noisy validation boxes, so numbers compare across epochs and runs: name -> (N, J, 4),
+    J boxes per image. The run's own (`evaluation.box_noise`, name "", one per image: as earlier
+    versions) and `evaluation.boxes_per_level` per image for each `evaluation.levels` entry (seeded by
+    its name), so that a level's numbers rest on several hundred boxes, not one per image."""
+    own = cfg.evaluation.own_noise(cfg.data)
+    sets = {"": (own.center_std, own.scale_std, own.max_sigma, 1)}
+    sets.update({name: (center, scale, BoxNoiseConfig().max_sigma, cfg.evaluation.boxes_per_level)
+                 for name, (center, scale) in cfg.evaluation.levels.items()})
+    inputs = {}
+    for name, (center, scale, sigma, count) in sets.items():
+        seed = cfg.evaluation.noise_seed if not name else cfg.evaluation.noise_seed * 1000 + zlib.crc32(name.encode()) % 1000
+        generator = torch.Generator().manual_seed(seed)
+        draws = [jitter_boxes(targets.boxes, targets.extent, center, scale, sigma, generator) for _ in range(count)]
+        inputs[name] = torch.stack(draws, dim=1)
+    return inputs
+
+
+def metric_name(key: str, level: str) -> str:
+    return f"val_{key}_{level}" if level else f"val_{key}"
 
 
 @torch.no_grad()
-def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, inputs: torch.Tensor, cfg: Config,
-             precision: str) -> dict[str, float]:
-    """Loss on every iteration (as in training) and IoU of input vs refined boxes (with early stop)."""
+def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, inputs: dict[str, torch.Tensor],
+             cfg: Config, precision: str) -> dict[str, float | None]:
+    """The loss on every iteration of the run's own validation boxes (as in training), then, for each
+    set of input boxes, what inference returns (early stop, gate) against the input: IoUs, share
+    made worse, and how well the predicted IoU ranks the boxes."""
     model.eval()
     device = next(model.parameters()).device
-    iou_in, iou_out, losses = [], [], {"loss": 0.0, "l1": 0.0, "giou": 0.0}
-    start = time.perf_counter()
+    names = list(inputs)
+    found: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in names}  # before, after, predicted
+    losses = {"loss": 0.0, "l1": 0.0, "giou": 0.0, "quality": 0.0}
+    start, n = time.perf_counter(), 0
     for indices, features in progress(loader, desc="Validating", unit="batch", leave=False):
         if not len(indices):
             continue
-        gt, extent, boxes = targets.boxes[indices].to(device), targets.extent[indices].to(device), inputs[indices].to(device)
+        gt, extent = targets.boxes[indices].to(device), targets.extent[indices].to(device)
         with autocast_context(device, precision):
-            iterations = model(features, boxes, extent)
-            refined = model(features, boxes, extent, stop_threshold=cfg.refinement.stop_threshold)[-1]
-        loss = refinement_loss(iterations, gt, cfg.loss.l1_weight, cfg.loss.iou_weight)
-        for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou)):
+            trajectory = model(features, inputs[""][indices, 0].to(device), extent)
+            loss = training_loss(trajectory, gt, cfg)
+            per_box = torch.cat([inputs[name][indices] for name in names], dim=1)  # (n, boxes per image, 4)
+            count = per_box.shape[1]
+            boxes = per_box.flatten(0, 1).to(device)
+            per_image = torch.arange(len(indices), device=device).repeat_interleave(count)
+            result = model(features, boxes, extent.repeat_interleave(count, 0),
+                           stop_threshold=cfg.refinement.stop_threshold, image_index=per_image)
+        chosen, predicted, _ = result.select(cfg.refinement.gate, cfg.refinement.keep_margin)
+        truth = gt.repeat_interleave(count, 0)
+        before, after = box_iou(boxes, truth).view(-1, count), box_iou(chosen, truth).view(-1, count)
+        start_column = 0
+        for name in names:
+            columns = slice(start_column, start_column + inputs[name].shape[1])
+            start_column = columns.stop
+            found[name][0].append(before[:, columns].flatten().cpu())
+            found[name][1].append(after[:, columns].flatten().cpu())
+            if predicted is not None:
+                found[name][2].append(predicted.view(-1, count)[:, columns].flatten().float().cpu())
+        for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
             losses[name] += value.item() * len(indices)
-        iou_in.append(box_iou(boxes, gt).cpu())
-        iou_out.append(box_iou(refined.float(), gt).cpu())
-    n = sum(len(t) for t in iou_in)
+        n += len(indices)
     if not n:
         raise DataError("no validation sample is left (every one was excluded); see skipped.jsonl")
-    summary = iou_summary(torch.cat(iou_in), torch.cat(iou_out))
-    return {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n, "val_giou_loss": losses["giou"] / n,
-            **{f"val_{key}": value for key, value in summary.items()},
-            "val_seconds": time.perf_counter() - start}
+    record: dict[str, float | None] = {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n,
+                                       "val_giou_loss": losses["giou"] / n, "val_quality_error": losses["quality"] / n}
+    for name, (before_parts, after_parts, predicted_parts) in found.items():
+        summary = iou_summary(torch.cat(before_parts), torch.cat(after_parts),
+                              torch.cat(predicted_parts) if predicted_parts else None)
+        record.update({metric_name(key, name): value for key, value in summary.items()})
+    levels = [record[metric_name("iou_refined", name)] for name in names if name]
+    record["val_iou_refined_levels"] = sum(levels) / len(levels) if levels else record["val_iou_refined"]
+    record["val_seconds"] = time.perf_counter() - start
+    return record
 
 
 RESUME_KEYS = {"scheduler_state_dict": dict, "rng": dict, "history": list, "best_val_iou": float, "best_epoch": int,
@@ -288,6 +351,10 @@ def check_resume(state: dict, path: str, cfg: Config, device: torch.device) -> N
     for key, kind in RESUME_KEYS.items():
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"--resume {path}: not a resumable checkpoint of this tool (no valid '{key}')")
+    if isinstance(state.get("model_args"), dict) and set(state["model_args"]) != set(model_arguments(cfg)):
+        raise CheckpointError(f"--resume {path}: written by an earlier version of the tool whose model differs "
+                              "(e.g. no quality head); it can still refine boxes, but training cannot continue from "
+                              "it: start a new run")
     allowed, refused = config_changes(state["config"], cfg.to_dict())
     if refused:
         key, change = refused[0].split(": ", 1)
@@ -348,6 +415,12 @@ def all_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def out_of_patience(cfg: Config, epoch: int, best_epoch: int) -> bool:
+    """Whether training.patience epochs have passed since the best one (0: never stop early)."""
+    patience = cfg.training.patience
+    return patience > 0 and best_epoch >= 0 and epoch - best_epoch >= patience and epoch + 1 < cfg.training.epochs
+
+
 def improves(value: float, best: float, best_epoch: int) -> bool:
     """Whether an epoch's validation IoU is the run's best so far (the first epoch always is; NaN never
     beats a number)."""
@@ -359,11 +432,15 @@ def improves(value: float, best: float, best_epoch: int) -> bool:
 def epoch_summary(r: dict, epochs: int, improved: bool) -> str:
     cache = "off" if r["cache_hit_rate"] is None else f"{100 * r['cache_hit_rate']:.0f}%" + (
         f" ({r['cache_healed']} healed)" if r["cache_healed"] else "")
+    levels = "  ".join(f"{name} {r[f'val_iou_input_{name}']:.3f}->{r[f'val_iou_refined_{name}']:.3f} "
+                       f"({100 * r[f'val_worse_rate_tol_{name}']:.0f}% worse)"
+                       for name in sorted({k[len("val_iou_input_"):] for k in r if k.startswith("val_iou_input_")}))
     return (f"epoch {r['epoch']}/{epochs - 1}  loss {r['train_loss']:.4f} (L1 {r['train_l1']:.4f}, GIoU "
-            f"{r['train_giou_loss']:.4f})  val loss {r['val_loss']:.4f}  IoU {r['val_iou_input']:.3f} -> "
-            f"{r['val_iou_refined']:.3f}  worse {100 * r['val_worse_rate']:.0f}%  {r['epoch_seconds']:.1f}s train "
-            f"({r['samples_per_second']:.0f} samples/s, {r['data_seconds']:.1f}s waiting for features), "
-            f"{r['val_seconds']:.1f}s val, cache {cache}" + ("  *best*" if improved else ""))
+            f"{r['train_giou_loss']:.4f}, IoU error {r['train_quality_error']:.3f})  val loss {r['val_loss']:.4f}  "
+            f"IoU {r['val_iou_input']:.3f} -> {r['val_iou_refined']:.3f}  worse {100 * r['val_worse_rate']:.0f}%"
+            + (f"  [{levels}]" if levels else "") +
+            f"  {r['epoch_seconds']:.1f}s train ({r['samples_per_second']:.0f} samples/s, {r['data_seconds']:.1f}s "
+            f"waiting for features), {r['val_seconds']:.1f}s val, cache {cache}" + ("  *best*" if improved else ""))
 
 
 class RunHistory(list):
@@ -428,10 +505,17 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
 
     Raises Interrupted after saving when `stop` was requested, TrainingError when it cannot go on."""
     resumed = start_run(cfg, device, resume, allow_rollback)  # a bad file fails before any slow work
-    if resumed is not None and not resumed.get("partial_epoch") and int(resumed["epoch"]) + 1 >= cfg.training.epochs:
-        log.info("%s: this run already finished its %d epochs; pass --epochs N (N > %d) to train further",
-                 resume, int(resumed["epoch"]) + 1, int(resumed["epoch"]) + 1)
-        return RunHistory()
+    if resumed is not None and not resumed.get("partial_epoch"):
+        done = int(resumed["epoch"])
+        if done + 1 >= cfg.training.epochs:
+            log.info("%s: this run already finished its %d epochs; pass --epochs N (N > %d) to train further",
+                     resume, done + 1, done + 1)
+            return RunHistory()
+        if out_of_patience(cfg, done, int(resumed["best_epoch"])):
+            log.info("%s: this run stopped early at epoch %d, %d epochs after its best (training.patience %d); "
+                     "raise training.patience (0: never stop early) to train further", resume, done,
+                     done - int(resumed["best_epoch"]), cfg.training.patience)
+            return RunHistory()
     with RunLock(cfg.output.checkpoint_dir, cfg.output.save_dir):
         if stop is not None:
             stop.arm()  # from here on a signal stops at the next safe point: an extraction batch, a training step
@@ -510,9 +594,9 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
             raise Interrupted(stop.signum, ckpt_dir / LAST)
         record = {"epoch": epoch, **metrics, **evaluate(model, sources.val, val_targets, val_inputs, cfg, precision)}
         record["lr"] = optimizer.param_groups[0]["lr"]
-        improved = improves(record["val_iou_refined"], best_iou, best_epoch)
+        improved = improves(record["val_iou_refined_levels"], best_iou, best_epoch)
         if improved:
-            best_iou, best_epoch = record["val_iou_refined"], epoch
+            best_iou, best_epoch = record["val_iou_refined_levels"], epoch
         log.info(epoch_summary(record, cfg.training.epochs, improved))
         history.append(record)
         run_now.append(record)
@@ -525,6 +609,11 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
         if stopping:
             assert stop is not None and stop.signum is not None
             raise Interrupted(stop.signum, ckpt_dir / LAST)
+        if out_of_patience(cfg, epoch, best_epoch):
+            log.info("stopping after epoch %d: no better validation (refined IoU averaged over the levels) for %d "
+                     "epochs (training.patience); the best, %.3f, is epoch %d", epoch, cfg.training.patience,
+                     best_iou, best_epoch)
+            break
     if cfg.cache_enabled:
         stats = run_now.cache_stats = sources.get_cache_stats()
         rate = "-" if stats["hit_rate"] is None else f"{100 * stats['hit_rate']:.1f}%"

@@ -6,8 +6,9 @@ end goal: better boxes are worth something only if they give better masks).
         [--detections in.json | --refined out.json] [--mask-iou | --no-mask-iou] [--output report.json]
 
 Input boxes are one of
-- the ground truth jittered with the run's `data.box_noise` and `evaluation.noise_seed` (default; on
-  the validation split this repeats the trainer's validation numbers),
+- the ground truth jittered with the run's own validation noise (`evaluation.box_noise`) and at each
+  of `evaluation.levels` (default; on the validation split this repeats the trainer's validation
+  numbers),
 - a detector's boxes (`--detections`), refined here exactly as refine_boxes.py does, or
 - refine_boxes.py's output (`--refined`), scored as written: `bbox_input` versus `bbox`.
 A split image holds one object, so every box of an image is scored against that image's truth.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +42,22 @@ log = logging.getLogger("boxrefiner")
 
 @dataclass
 class Case:
-    """One box to score: the split image it belongs to, the input box and (if given) the refined one."""
+    """One box to score: the split image it belongs to, the input box and (if given) the refined one,
+    in a set of boxes scored together (`group`: "" for the main set, else a noise level's name)."""
     sample: int
     box: np.ndarray  # xyxy pixels
     refined: np.ndarray | None = None
+    iou_pred: float | None = None  # the refiner's predicted IoU of `refined`, where known
+    group: str = ""
 
 
 def jittered_cases(refiner: BoxRefiner, split: SplitData) -> list[Case]:
-    """The trainer's validation inputs: ground truth with the run's noise and seed."""
+    """The trainer's validation inputs: ground truth with the run's own noise and seed (group ""), and
+    each of `evaluation.levels` (grouped by level name)."""
     targets = Targets.of(split.samples)
-    inputs = validation_inputs(refiner.cfg, targets).double()
     longest = torch.tensor([max(s.width, s.height) for s in split.samples], dtype=torch.float64)
-    return [Case(i, box.numpy()) for i, box in enumerate(inputs * longest[:, None])]
+    return [Case(i, box.numpy(), group=name) for name, inputs in validation_inputs(refiner.cfg, targets).items()
+            for i, boxes in enumerate(inputs.double() * longest[:, None, None]) for box in boxes]
 
 
 def cases_from_rows(rows: list, split: SplitData, box_format: str) -> tuple[list[Case], Counter]:
@@ -74,20 +79,42 @@ def cases_from_rows(rows: list, split: SplitData, box_format: str) -> tuple[list
         except ValueError:
             skipped["malformed_row"] += 1
             continue
-        cases.append(Case(index[detection.file_name], np.array(before), np.array(detection.box)))
+        predicted = row.get("iou_pred")
+        cases.append(Case(index[detection.file_name], np.array(before), np.array(detection.box),
+                          float(predicted) if isinstance(predicted, (int, float)) else None))
     return cases, skipped
 
 
+@dataclass
+class Scores:
+    """Per-box IoUs of one group of cases: input and refined boxes, their masks, and predicted IoUs."""
+    box_before: list[torch.Tensor] = field(default_factory=list)
+    box_after: list[torch.Tensor] = field(default_factory=list)
+    predicted: list[torch.Tensor] = field(default_factory=list)
+    mask_before: list[torch.Tensor] = field(default_factory=list)
+    mask_after: list[torch.Tensor] = field(default_factory=list)
+
+    def summary(self, part: str = "box") -> dict | None:
+        before, after = getattr(self, f"{part}_before"), getattr(self, f"{part}_after")
+        if not before:
+            return None
+        count = sum(len(t) for t in before)
+        predicted = torch.cat(self.predicted) if part == "box" and sum(len(t) for t in self.predicted) == count else None
+        return iou_summary(torch.cat(before), torch.cat(after), predicted)
+
+
 def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], masks_file: Path | None = None) -> dict:
-    """Score every case; with `masks_file` (the split's masks parquet) also HQ-SAM's masks from both boxes."""
+    """Score every case, by group; with `masks_file` (the split's masks parquet) also HQ-SAM's masks
+    from both boxes of the main group."""
     by_sample: dict[int, list[Case]] = {}
     for case in cases:
         by_sample.setdefault(case.sample, []).append(case)
     order = list(by_sample)
     samples = [split.samples[i] for i in order]
     mask_rows = read_masks(masks_file, {s.file_name for s in samples}) if masks_file else {}
-    box_before, box_after, mask_before, mask_after = [], [], [], []
+    groups: dict[str, Scores] = {name: Scores() for name in dict.fromkeys(c.group for c in cases)}
     skipped: Counter = Counter()
+    images = 0
     if masks_file is not None or any(c.refined is None for c in cases):
         items = refiner.image_features([s.image_path for s in samples], for_masks=masks_file is not None)
     else:  # refined boxes given and no masks wanted: nothing to read
@@ -95,44 +122,74 @@ def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], mas
     with progress(total=len(order), desc="Evaluating", unit="img") as bar:
         for item in items:
             bar.update(1)
-            sample, group = samples[item.index], by_sample[order[item.index]]
+            sample, mine = samples[item.index], by_sample[order[item.index]]
             if item.error:
-                skipped[item.error] += len(group)
+                skipped[item.error] += sum(c.group == "" for c in mine) or len(mine)
                 continue
-            inputs = np.stack([c.box for c in group])
-            if group[0].refined is None:
-                refined = refiner.refine_features(item.embedding, item.width, item.height, inputs).boxes
+            images += 1
+            inputs = np.stack([c.box for c in mine])
+            if mine[0].refined is None:
+                result = refiner.refine_features(item.embedding, item.width, item.height, inputs)
+                refined, predicted = result.boxes, result.iou_pred
             else:
-                refined = np.stack([c.refined for c in group])
-            truth = torch.tensor([sample.box] * len(group), dtype=torch.float64)
-            box_before.append(box_iou(torch.from_numpy(inputs), truth))
-            box_after.append(box_iou(torch.from_numpy(refined), truth))
+                refined = np.stack([c.refined for c in mine])
+                known = [c.iou_pred for c in mine]
+                predicted = np.array(known, dtype=np.float64) if all(p is not None for p in known) else None
+            truth = torch.tensor([sample.box] * len(mine), dtype=torch.float64)
+            before, after = box_iou(torch.from_numpy(inputs), truth), box_iou(torch.from_numpy(refined), truth)
+            for name, scores in groups.items():
+                rows = torch.tensor([c.group == name for c in mine])
+                if rows.any():
+                    scores.box_before.append(before[rows])
+                    scores.box_after.append(after[rows])
+                    if predicted is not None:
+                        scores.predicted.append(torch.from_numpy(np.asarray(predicted))[rows])
             if masks_file is not None:
+                main = np.array([c.group == "" for c in mine])
                 gt = ground_truth_mask(mask_rows[sample.file_name], item.width, item.height)
-                for boxes, out in ((inputs, mask_before), (refined, mask_after)):
-                    predicted, _ = refiner.prompter.masks(*item.sam_features, item.width, item.height, boxes)
-                    out.append(torch.tensor([mask_iou(m, gt) for m in predicted], dtype=torch.float64))
-    if not box_before:
+                for boxes, out in ((inputs[main], groups[""].mask_before), (refined[main], groups[""].mask_after)):
+                    masks, _ = refiner.prompter.masks(*item.sam_features, item.width, item.height, boxes)
+                    out.append(torch.tensor([mask_iou(m, gt) for m in masks], dtype=torch.float64))
+    main = groups.get("", Scores())
+    if not main.box_before:
         raise DetectionsError(f"nothing to evaluate on split '{split.split}' (left out: {dict(skipped) or 'none'})")
-    return {"split": split.split, "images": len(box_before), "boxes": int(sum(len(t) for t in box_before)),
-            "box": iou_summary(torch.cat(box_before), torch.cat(box_after)),
-            "mask": iou_summary(torch.cat(mask_before), torch.cat(mask_after)) if mask_before else None,
+    return {"split": split.split, "images": images, "boxes": int(sum(len(t) for t in main.box_before)),
+            "box": main.summary("box"), "mask": main.summary("mask"),
+            "levels": {name: scores.summary("box") for name, scores in groups.items() if name},
             "skipped": dict(skipped)}
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_report(report: dict) -> str:
-    """A small table: what the input boxes gave, and what the refined ones give."""
+    """Small tables: what the input boxes gave, and what the refined ones give (main set, then levels)."""
     lines = [f"{report['boxes']} boxes on {report['images']} images of split '{report['split']}' "
-             f"(inputs: {report['inputs']}; mask decoder: {report['mask_decoder']})", "",
+             f"(inputs: {report['inputs']}; mask decoder: {report['mask_decoder']}; gate: {report['gate']})", "",
              "| measure | input boxes | refined boxes |", "|---|---|---|"]
     for part in ("box", "mask"):
         s = report[part]
         if s is None:
             continue
         lines += [f"| {part} mean IoU | {s['iou_input']:.3f} | {s['iou_refined']:.3f} |",
-                  f"| {part} IoU >= 0.75 | {100 * s['iou75_input']:.1f}% | {100 * s['iou75_refined']:.1f}% |",
-                  f"| {part} IoU >= 0.9 | {100 * s['iou90_input']:.1f}% | {100 * s['iou90_refined']:.1f}% |",
-                  f"| {part} IoU made worse | | {100 * s['worse_rate']:.1f}% |"]
+                  f"| {part} IoU >= 0.75 | {_percent(s['iou75_input'])} | {_percent(s['iou75_refined'])} |",
+                  f"| {part} IoU >= 0.9 | {_percent(s['iou90_input'])} | {_percent(s['iou90_refined'])} |",
+                  f"| {part} IoU made worse (by > 0.005) | | {_percent(s['worse_rate_tol'])} |"]
+        if part == "box":
+            lines.append(f"| Spearman(predicted IoU, IoU) | | {_number(s['iou_pred_spearman'])} |")
+    if report.get("levels"):
+        lines += ["", "| noise level | input IoU | refined IoU | gain | made worse | IoU >= 0.9 in -> out | Spearman |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, s in report["levels"].items():
+            lines.append(f"| {name} | {s['iou_input']:.3f} | {s['iou_refined']:.3f} | "
+                         f"{s['iou_refined'] - s['iou_input']:+.3f} | {_percent(s['worse_rate_tol'])} | "
+                         f"{_percent(s['iou90_input'])} -> {_percent(s['iou90_refined'])} | "
+                         f"{_number(s['iou_pred_spearman'])} |")
     if report["skipped"]:
         lines += ["", "left out: " + ", ".join(f"{n} {r}" for r, n in sorted(report["skipped"].items()))]
     return "\n".join(lines)
@@ -185,12 +242,14 @@ def run(argv: list[str] | None = None) -> int:
         source = f"{'refine_boxes.py output' if args.refined else 'detections'} {args.detections or args.refined}"
     else:
         cases, skipped = jittered_cases(refiner, split), Counter()
-        noise = refiner.cfg.data.box_noise
+        noise = refiner.cfg.evaluation.own_noise(refiner.cfg.data)
         source = (f"ground truth jittered (center_std {noise.center_std}, scale_std {noise.scale_std}, "
-                  f"seed {refiner.cfg.evaluation.noise_seed})")
+                  f"seed {refiner.cfg.evaluation.noise_seed}; and the levels "
+                  f"{', '.join(refiner.cfg.evaluation.levels) or 'none'})")
     report = evaluate_cases(refiner, split, cases, split_paths(data, split_name)[2] if mask_iou else None)
     report["skipped"] = dict(Counter(report["skipped"]) + skipped)
-    report.update(inputs=source, checkpoint=str(args.checkpoint),
+    report.update(inputs=source, checkpoint=str(args.checkpoint), gate=(
+                  f"on (keep_margin {refiner.keep_margin:g})" if refiner.gate else "off"),
                   mask_decoder=("not used" if not mask_iou else "random weights" if random_weights else "HQ-SAM checkpoint"))
     print(format_report(report))
     if args.output:

@@ -4,7 +4,8 @@
         --output out.json [--box-format xywh] [--masks masks/]
 
 The output is the input list, in order, every field kept: refined rows get the refined `bbox` (in
-the input's format), `bbox_input` (the original) and `refine_steps`; with `--masks`, also `mask` (the
+the input's format), `bbox_input` (the original), `refine_steps` (iterations applied to the returned box;
+0 when the refiner kept the input) and `iou_pred` (its predicted IoU); with `--masks`, also `mask` (the
 PNG written) and `mask_score` (HQ-SAM's predicted IoU). Object rows that could not be refined keep
 their `bbox` and get `refine_error` (missing_image, unreadable_image, a malformed bbox, ...); rows
 that are not objects are kept as they are.
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .console import non_negative_int, positive_int, run_command, setup_logging
+from .console import non_negative_float, non_negative_int, positive_int, run_command, setup_logging
 from .detections import BOX_FORMATS, Detection, DetectionsError, from_xyxy, parse_detections, read_detections
 from .fileio import atomic_write, write_json
 from .progress import progress
@@ -31,7 +32,7 @@ from .refiner import STORE_SPLIT, BoxRefiner
 
 log = logging.getLogger("boxrefiner")
 _LOGGED_PROBLEMS = 20
-_OUTPUT_FIELDS = ("bbox_input", "refine_steps", "mask", "mask_score", "refine_error")  # written here
+_OUTPUT_FIELDS = ("bbox_input", "refine_steps", "iou_pred", "mask", "mask_score", "refine_error")  # written here
 _IMAGE_ERRORS = ("missing_image", "unreadable_image", "nonfinite_features")
 _BOX_ERRORS = ("outside_image", "bad_box")
 
@@ -82,7 +83,9 @@ def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: 
                 row = report.rows[detection.row]
                 row["bbox_input"] = rows[detection.row]["bbox"]
                 row["bbox"] = from_xyxy(result.boxes[k], box_format)
-                row["refine_steps"] = int(result.steps[k])
+                row["refine_steps"] = int(result.chosen[k])  # iterations applied to the returned box; 0: input kept
+                if result.iou_pred is not None:
+                    row["iou_pred"] = round(float(result.iou_pred[k]), 4)
                 if masks is not None:
                     path = masks / f"{detection.row:06d}_{Path(detection.file_name).stem}.png"
                     picture = Image.fromarray(predicted[k].astype(np.uint8) * 255)
@@ -105,12 +108,20 @@ def add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, help="images per encoder batch (default: the run's hqsam.batch_size)")
     parser.add_argument("--num-workers", type=non_negative_int, default=2, help="image-decoding workers")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="return every box's last iteration, even where the refiner predicts the input is better")
+    parser.add_argument("--keep-margin", type=non_negative_float,
+                        help="predicted IoU gain a refined box needs to replace the input (default: the run's "
+                             "refinement.keep_margin)")
 
 
 def load_refiner(args: argparse.Namespace, **options: Any) -> BoxRefiner:
-    return BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
-                                      cache_dir=args.cache_dir, batch_size=args.batch_size,
-                                      num_workers=args.num_workers, **options)
+    refiner = BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
+                                         cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                         num_workers=args.num_workers, gate=False if args.no_gate else None, **options)
+    if args.keep_margin is not None:
+        refiner.keep_margin = args.keep_margin
+    return refiner
 
 
 def build_parser() -> argparse.ArgumentParser:

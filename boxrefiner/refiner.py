@@ -42,9 +42,11 @@ _BOX_CHUNK = 64  # boxes refined together on one image's features
 @dataclass
 class Refinement:
     """Refined boxes of one image, `xyxy` pixels."""
-    boxes: np.ndarray  # (N, 4) the final boxes
+    boxes: np.ndarray  # (N, 4) the answer: with the gate, the candidate of highest predicted IoU
     iterations: np.ndarray  # (K, N, 4) the boxes after each iteration; a box that stopped early repeats
     steps: np.ndarray  # (N,) iterations that moved each box before it stopped
+    iou_pred: np.ndarray | None  # (N,) predicted IoU of each returned box; None: a refiner without quality head
+    chosen: np.ndarray  # (N,) which candidate was returned: 0 the input box, k the k-th iteration's
 
 
 @dataclass
@@ -66,8 +68,14 @@ class BoxRefiner:
     def __init__(self, model: BoxRefinementModule, identity: EncoderIdentity, cfg: Config, device: torch.device,
                  hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None, read_cache: bool = True,
                  store_features: bool = False, with_masks: bool = False, batch_size: int | None = None,
-                 num_workers: int = 2):
+                 num_workers: int = 2, gate: bool | None = None):
         self.model = model.to(device).eval()
+        self.gate = cfg.refinement.gate if gate is None else gate
+        self.keep_margin = cfg.refinement.keep_margin
+        if self.gate and not model.quality_head:
+            log.info("this refiner has no quality head (trained before version 0.3): boxes are refined without the "
+                     "gate, every box taking its last iteration's result")
+            self.gate = False
         self.identity = identity
         self.cfg = cfg
         self.device = device
@@ -89,13 +97,13 @@ class BoxRefiner:
     def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "auto",
                         hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None,
                         read_cache: bool = True, store_features: bool = False, with_masks: bool = False,
-                        batch_size: int | None = None, num_workers: int = 2) -> "BoxRefiner":
+                        batch_size: int | None = None, num_workers: int = 2, gate: bool | None = None) -> "BoxRefiner":
         """Load from a trainer checkpoint (`best_model.pth` or `last.pth`); no config file needed.
 
         `cache_dir` defaults to the training run's (relative paths from the current folder);
         `hqsam_checkpoint` to the run's `hqsam.checkpoint`, needed only for images whose features are
         not cached, and for masks. `read_cache=False` always encodes; `store_features` keeps what was
-        encoded in the cache."""
+        encoded in the cache. `gate` overrides the run's `refinement.gate`."""
         state = load_checkpoint(path)
         for key in ("model_args", "encoder"):
             if not isinstance(state.get(key), dict):
@@ -106,7 +114,7 @@ class BoxRefiner:
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint '{path}': its saved config is not valid here ({exc})") from None
         try:
-            model = BoxRefinementModule(**state["model_args"])
+            model = BoxRefinementModule(**{"quality_head": False, **state["model_args"]})  # before 0.3: none
             model.load_state_dict(state["model_state_dict"])
             identity = EncoderIdentity(**state["encoder"])
         except (TypeError, RuntimeError) as exc:  # another version's keys, or weights of another shape
@@ -122,7 +130,7 @@ class BoxRefiner:
             log.info("feature cache %s%s", cache_dir.resolve(), "" if cache_dir.is_dir() else
                      " does not exist: every image will be encoded (--cache-dir points elsewhere)")
         return cls(model, identity, cfg, device, hqsam_checkpoint, cache_dir, read_cache, store_features, with_masks,
-                   batch_size, num_workers)
+                   batch_size, num_workers, gate)
 
     # --- features ---------------------------------------------------------------------------------
 
@@ -283,16 +291,26 @@ class BoxRefiner:
         extent = torch.tensor([[width / longest, height / longest]], dtype=torch.float32)
         normalised = torch.from_numpy(boxes / longest).float()
         features = embedding.to(self.device, torch.float32)[None]
-        chunks = []  # (iterations, boxes of the chunk, 4)
+        paths, answers, predicted, chosen = [], [], [], []
         for chunk in normalised.split(_BOX_CHUNK):
             n = len(chunk)
-            iterations = self.model(features.expand(n, -1, -1, -1), chunk.to(self.device),
-                                    extent.expand(n, 2).to(self.device), stop_threshold=self.stop_threshold)
-            chunks.append(torch.stack(iterations).cpu())
-        trajectory = torch.cat(chunks, dim=1).double() * longest
+            result = self.model(features, chunk.to(self.device), extent.expand(n, 2).to(self.device),
+                                stop_threshold=self.stop_threshold,
+                                image_index=torch.zeros(n, dtype=torch.long, device=self.device))
+            answer, iou, pick = result.select(self.gate, self.keep_margin)
+            paths.append(torch.stack(result.boxes).cpu())
+            answers.append(answer.cpu())
+            chosen.append(pick.cpu())
+            if iou is not None:
+                predicted.append(iou.cpu())
+        trajectory = torch.cat(paths, dim=1).double() * longest
         before = torch.cat([torch.from_numpy(boxes)[None], trajectory[:-1]])
         moved = (trajectory != before).any(dim=-1).sum(dim=0)
-        return Refinement(trajectory[-1].numpy(), trajectory.numpy(), moved.numpy())
+        picks = torch.cat(chosen)
+        final = torch.cat(answers).double() * longest
+        final[picks == 0] = torch.from_numpy(boxes)[picks == 0]  # the input itself, not its float32 round trip
+        return Refinement(final.numpy(), trajectory.numpy(), moved.numpy(),
+                          torch.cat(predicted).double().numpy() if predicted else None, picks.numpy())
 
     def refine(self, image: str | Path, boxes: np.ndarray | list) -> Refinement:
         """Refine boxes (xyxy pixels, after EXIF orientation) on one image file."""

@@ -116,9 +116,10 @@ def generate(out: str | Path, train: int = 96, val: int = 32, seed: int = 0, siz
 
 
 def simulated_detections(root: str | Path, split: str = "val", center_std: float = 0.15, scale_std: float = 0.2,
-                         seed: int = 0) -> list[dict]:
+                         seed: int = 0, per_image: int = 1) -> list[dict]:
     """A stand-in for a detector's output on a dataset: every image's ground-truth box (read by the
-    real loader) with detector-like noise, a score and an extra field, as refine_boxes.py reads them."""
+    real loader) with detector-like noise, a score and an extra field, as refine_boxes.py reads them;
+    `per_image` independent detections of each image (rows grouped by image)."""
     import torch
 
     from .boxes import jitter_boxes
@@ -130,10 +131,12 @@ def simulated_detections(root: str | Path, split: str = "val", center_std: float
     truth = torch.tensor([s.box for s in samples], dtype=torch.float64) / longest
     extent = torch.tensor([(s.width, s.height) for s in samples], dtype=torch.float64) / longest
     max_sigma = BoxNoiseConfig().max_sigma  # draws clipped as in training
-    noisy = jitter_boxes(truth, extent, center_std, scale_std, max_sigma, torch.Generator().manual_seed(seed)) * longest
-    scores = np.random.default_rng(seed).uniform(0.3, 0.99, len(samples))
+    generator = torch.Generator().manual_seed(seed)
+    noisy = torch.stack([jitter_boxes(truth, extent, center_std, scale_std, max_sigma, generator) * longest
+                         for _ in range(per_image)], dim=1)  # (images, per_image, 4)
+    scores = np.random.default_rng(seed).uniform(0.3, 0.99, (len(samples), per_image))
     return [{"file_name": s.file_name, "bbox": [round(float(v), 2) for v in box], "score": round(float(score), 3),
-             "label": "fungus"} for s, box, score in zip(samples, noisy, scores)]
+             "label": "fungus"} for s, boxes, row in zip(samples, noisy, scores) for box, score in zip(boxes, row)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write simulated detections (noisy xyxy boxes) of the val images to this JSON")
     parser.add_argument("--center-std", type=float, default=0.15, help="detection noise: centre shift / box size")
     parser.add_argument("--scale-std", type=float, default=0.2, help="detection noise: std of log width/height")
+    parser.add_argument("--boxes-per-image", type=int, default=1, help="independent simulated detections per image")
     args = parser.parse_args(argv)
-    if args.train < 1 or args.val < 1:
-        parser.error("--train and --val must be at least 1")
+    if args.train < 1 or args.val < 1 or args.boxes_per_image < 1:
+        parser.error("--train, --val and --boxes-per-image must be at least 1")
     root = generate(args.out, args.train, args.val, args.seed, tuple(args.sizes))
     print(f"wrote {args.train} train and {args.val} val images to {root}")
     if args.detections:
-        rows = simulated_detections(root, "val", args.center_std, args.scale_std, args.seed)
+        rows = simulated_detections(root, "val", args.center_std, args.scale_std, args.seed, args.boxes_per_image)
         write_json(args.detections, rows)
         print(f"wrote {len(rows)} simulated detections to {args.detections}")
     return 0

@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from boxrefiner.allocator import keep_freed_memory  # noqa: E402
 from boxrefiner.synthetic import generate  # noqa: E402
+
+keep_freed_memory()  # as every command does: large blocks are reused, not handed back after each batch
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +28,7 @@ def small_config(data_root: Path, work: Path, **sections) -> dict:
     raw = {
         "model": {"hidden_dim": 64, "num_heads": 4, "max_offset": 0.5, "roi_size": 8},
         "refinement": {"max_iter": 2, "stop_threshold": 0.0},
-        "training": {"batch_size": 8, "epochs": 6, "learning_rate": 2e-3, "warmup_epochs": 0, "seed": 7},
+        "training": {"batch_size": 8, "epochs": 6, "learning_rate": 2e-3, "warmup_epochs": 0, "seed": 7, "patience": 0},
         "data": {"data_root": str(data_root), "num_workers": 0},
         "hqsam": {"model_type": "vit_tiny", "allow_random_init": True, "input_size": 256, "batch_size": 8},
         "output": {"save_dir": str(work / "out"), "checkpoint_dir": str(work / "ckpt"), "log_dir": str(work / "logs")},
