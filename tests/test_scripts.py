@@ -24,6 +24,7 @@ def test_variants_switch_exactly_one_thing_each():
     combined = cfgs["combined"]
     assert combined.cache_enabled and combined.training.use_amp and combined.data.sample_ratio == 0.1
     assert combined.training.batch_size == 32  # min(2 x 24, 32), as --fast does
+    assert not any(c.refinement.gate for c in cfgs.values())  # an untrained gate would hide every difference
     with pytest.raises(ValueError):
         variant(base(), "turbo")
 

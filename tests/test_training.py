@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from boxrefiner import engine
 from boxrefiner.checkpoint import CheckpointError, load_checkpoint
 from boxrefiner.config import config_from_dict, replace
 from boxrefiner.engine import (FeatureSources, Targets, build_model, evaluate, prepare_splits, train,
@@ -134,11 +135,19 @@ def test_resume_with_another_model_shape_is_refused(first_run, tmp_path):
         train(replace(cfg, "model", hidden_dim=32), CPU, resume=str(work / "ckpt" / "last.pth"))
 
 
-def test_cpu_amp_uses_bf16_autocast(synthetic_root, tmp_path, caplog):
+def test_cpu_amp_uses_bf16_autocast(synthetic_root, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)  # whatever CPU runs the test
     cfg = config_from_dict(small_config(synthetic_root, tmp_path, training={"epochs": 1, "use_amp": True}))
     history = train(cfg, CPU)
     assert "training precision bf16" in caplog.text
     assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
+
+
+def test_cpu_amp_without_bf16_kernels_trains_in_fp32_and_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    assert engine.amp_precision(CPU, True) == "fp32"
+    assert "no bfloat16 kernels" in caplog.text and "training in fp32" in caplog.text
+    assert engine.amp_precision(CPU, False) == "fp32"
 
 
 def test_feature_dropout_draws_from_the_epoch_generator_only():
