@@ -32,22 +32,22 @@ def run(cfg: Config, device: torch.device, label: str) -> dict:
     start = time.perf_counter()
     history = train(cfg, device)
     stats = history.cache_stats
-    last = history[-1]
+    last, best = history[-1], history.best or history[-1]  # best: what best_model.pth gives
     return {"run": label, "wall_seconds": time.perf_counter() - start, "epochs": len(history),
             "train_images": round(last["samples_per_second"] * last["epoch_seconds"]),
             "extracted": stats["extracted"] if stats else None, "hit_rate": stats["hit_rate"] if stats else None,
-            "epoch_seconds": last["epoch_seconds"], "val_iou_input": last["val_iou_input"],
-            "val_iou_refined": last["val_iou_refined"]}
+            "epoch_seconds": last["epoch_seconds"], "best_epoch": best["epoch"], "val_iou_input": best["val_iou_input"],
+            "val_iou_refined": best["val_iou_refined"], "val_worse_rate_tol": best.get("val_worse_rate_tol")}
 
 
 def comparison(rows: list[dict]) -> str:
-    lines = ["| run | wall time | epochs x images | features extracted | cache hit rate | last epoch | val IoU input -> refined |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | wall time | epochs x images | features extracted | cache hit rate | last epoch | best epoch: "
+             "val IoU input -> refined |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         cache = "off" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
         lines.append(f"| {r['run']} | {r['wall_seconds']:.1f} s | {r['epochs']} x {r['train_images']} | "
                      f"{r['extracted'] if r['extracted'] is not None else '-'} | {cache} | {r['epoch_seconds']:.2f} s | "
-                     f"{r['val_iou_input']:.3f} -> {r['val_iou_refined']:.3f} |")
+                     f"{r['best_epoch']}: {r['val_iou_input']:.3f} -> {r['val_iou_refined']:.3f} |")
     return "\n".join(lines)
 
 

@@ -61,8 +61,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Keys whose change would make a resumed run a different model or different data: refused.
-PROTECTED_KEYS = ("model.", "refinement.max_iter", "hqsam.model_type", "hqsam.input_size", "hqsam.precision",
+# Keys whose change would make a resumed run a different model or different data, or judge its epochs
+# differently (the gate decides the validation IoU that picks best_model.pth): refused.
+PROTECTED_KEYS = ("model.", "refinement.max_iter", "refinement.gate", "refinement.keep_margin", "refinement.stop_threshold", "hqsam.model_type", "hqsam.input_size", "hqsam.precision",
                   "data.data_subset", "data.train_split", "data.val_split", "data.image_size", "data.masks_file",
                   "data.sample_ratio", "data.box_noise.", "training.seed", "evaluation.noise_seed",
                   "evaluation.box_noise.", "evaluation.levels.", "evaluation.boxes_per_level",

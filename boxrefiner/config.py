@@ -362,6 +362,10 @@ def _build(cls: type, raw: Any, prefix: str, ignored: list[str] | None = None) -
     return cls(**values)
 
 
+# level names whose per-level metric key (val_<key>_<name>) is already another metric's
+RESERVED_LEVEL_NAMES = {"tol": "val_worse_rate_tol", "levels": "val_iou_refined_levels"}
+
+
 def _cross_check(cfg: Config) -> None:
     if cfg.hqsam.input_size % 16:
         raise ConfigError(f"config key 'hqsam.input_size': {cfg.hqsam.input_size} must be a multiple of 16")
@@ -372,6 +376,9 @@ def _cross_check(cfg: Config) -> None:
     for name, (center, scale) in cfg.evaluation.levels.items():
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):  # it names metrics: val_iou_refined_<name>
             raise ConfigError(f"config key 'evaluation.levels.{name}': a level's name may hold letters, digits and _ only")
+        if name in RESERVED_LEVEL_NAMES:
+            raise ConfigError(f"config key 'evaluation.levels.{name}': this name would overwrite the metric "
+                              f"{RESERVED_LEVEL_NAMES[name]}; choose another")
         if not (0 <= center <= 1 and 0 <= scale <= 1):
             raise ConfigError(f"config key 'evaluation.levels.{name}': [center_std, scale_std] must lie in [0, 1], "
                               f"got [{center}, {scale}]")

@@ -260,7 +260,8 @@ def build_encoder(cfg: HQSAMConfig, device: torch.device, identity: EncoderIdent
     """Build and load the encoder. Random weights only with hqsam.allow_random_init, and loudly."""
     if cfg.checkpoint:
         state = read_encoder_state(cfg.checkpoint)
-        module = build_image_encoder(cfg.model_type, cfg.input_size)
+        with torch.random.fork_rng(devices=[]):  # its throw-away init must not shift the head's dropout draws
+            module = build_image_encoder(cfg.model_type, cfg.input_size)
         load_strictly(module, state, cfg.model_type, cfg.checkpoint)
         log.info("HQ-SAM %s encoder loaded from %s (sha256 %s)", cfg.model_type, cfg.checkpoint, identity.weights[:12])
     else:

@@ -459,8 +459,10 @@ def epoch_summary(r: dict, epochs: int, improved: bool) -> str:
 
 
 class RunHistory(list):
-    """The metrics of the epochs run now, plus the run's feature-cache statistics (None with the cache off)."""
+    """The metrics of the epochs run now, plus the run's feature-cache statistics (None with the cache off)
+    and the record of the epoch `best_model.pth` holds (None before any epoch)."""
     cache_stats: dict | None = None
+    best: dict | None = None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -635,6 +637,7 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
         log.info("feature cache: warm-up found %d entries and extracted %d; training read %d features from the cache "
                  "and encoded %d (hit rate %s), %d healed, %.1f MiB read from disk", stats["found"], stats["extracted"],
                  stats["served"], stats["encoded"], rate, stats["healed"], stats["bytes_read"] / 2**20)
+    run_now.best = next((r for r in history if r.get("epoch") == best_epoch), None)
     if run_now:
         log.info("done: best val IoU %.3f at epoch %d; checkpoints in %s, metrics in %s", best_iou, best_epoch,
                  ckpt_dir, metrics_path)

@@ -4,7 +4,7 @@
         --output out.json [--box-format xywh] [--masks masks/]
 
 The output is the input list, in order, every field kept: refined rows get the refined `bbox` (in
-the input's format), `bbox_input` (the original), `refine_steps` (iterations applied to the returned box;
+the input's format), `bbox_input` (the original), `refine_steps` (iterations that moved the returned box;
 0 when the refiner kept the input) and `iou_pred` (its predicted IoU); with `--masks`, also `mask` (the
 PNG written) and `mask_score` (HQ-SAM's predicted IoU). Object rows that could not be refined keep
 their `bbox` and get `refine_error` (missing_image, unreadable_image, a malformed bbox, ...); rows
@@ -83,7 +83,7 @@ def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: 
                 row = report.rows[detection.row]
                 row["bbox_input"] = rows[detection.row]["bbox"]
                 row["bbox"] = from_xyxy(result.boxes[k], box_format)
-                row["refine_steps"] = int(result.chosen[k])  # iterations applied to the returned box; 0: input kept
+                row["refine_steps"] = int(result.applied_steps[k])
                 if result.iou_pred is not None:
                     row["iou_pred"] = round(float(result.iou_pred[k]), 4)
                 if masks is not None:

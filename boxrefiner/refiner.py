@@ -48,6 +48,12 @@ class Refinement:
     iou_pred: np.ndarray | None  # (N,) predicted IoU of each returned box; None: a refiner without quality head
     chosen: np.ndarray  # (N,) which candidate was returned: 0 the input box, k the k-th iteration's
 
+    @property
+    def applied_steps(self) -> np.ndarray:
+        """(N,) iterations that moved the returned box: 0 where the input was kept; a box frozen by the
+        stop threshold counts the steps it took, not the iterations it sat through."""
+        return np.minimum(self.chosen, self.steps)
+
 
 @dataclass
 class ImageFeatures:

@@ -56,6 +56,15 @@ def test_wrapped_checkpoint_is_unwrapped(sam_tiny_checkpoint, tmp_path):
     torch.testing.assert_close(encoder.module.state_dict(), sam.image_encoder.state_dict())
 
 
+def test_loading_a_checkpoint_draws_nothing_from_the_global_rng(sam_tiny_checkpoint):
+    """The encoder is built only on a cache miss: its throw-away init must not move the head's dropout draws."""
+    _, path = sam_tiny_checkpoint
+    cfg = HQSAMConfig(checkpoint=str(path), model_type="vit_tiny")
+    state = torch.get_rng_state()
+    build_encoder(cfg, CPU, encoder_identity(cfg))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_checkpoint_of_another_model_type_is_refused(sam_tiny_checkpoint):
     _, path = sam_tiny_checkpoint
     cfg = HQSAMConfig(checkpoint=str(path), model_type="vit_b")

@@ -41,6 +41,20 @@ def test_box_noise_takes_one_level_or_a_weighted_list():
         config_from_dict({"data": {"data_root": "x"}, "evaluation": {"levels": {"very big": [0.1, 0.1]}}})
 
 
+def test_a_level_name_never_overwrites_another_metric():
+    from boxrefiner.boxes import iou_summary
+    from boxrefiner.config import RESERVED_LEVEL_NAMES
+    from boxrefiner.engine import metric_name
+    keys = list(iou_summary(torch.rand(4), torch.rand(4), torch.rand(4)))
+    own = {metric_name(key, "") for key in keys} | {"val_iou_refined_levels"}
+    colliding = {key.split("_", k)[-1] for key in own for k in range(1, key.count("_") + 1)
+                 if any(metric_name(base, key.split("_", k)[-1]) == key for base in keys)}
+    assert colliding == set(RESERVED_LEVEL_NAMES) and colliding  # every name that collides is refused
+    for name in colliding:
+        with pytest.raises(ConfigError, match=f"evaluation.levels.{name}': this name would overwrite"):
+            config_from_dict({"data": {"data_root": "x"}, "evaluation": {"levels": {name: [0.1, 0.1]}}})
+
+
 def test_levels_are_drawn_per_box_in_proportion_to_their_weight():
     truth = torch.tensor([[0.2, 0.2, 0.6, 0.6]]).repeat(4000, 1)
     extent = torch.ones(4000, 2)

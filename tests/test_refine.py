@@ -100,6 +100,7 @@ def test_iterations_and_per_box_early_stop(trained, val_images, detections):
     np.testing.assert_allclose(early.iterations[0], full.iterations[0], atol=1e-4)
     np.testing.assert_array_equal(early.iterations[1], early.iterations[0])
     assert early.steps.tolist() == [1, 1]
+    assert full.applied_steps.tolist() == [3, 3] and early.applied_steps.tolist() == [1, 1]  # not the 3 it sat through
     with pytest.raises(ValueError, match="x1 > x0"):
         refiner.refine(image, [[50, 10, 20, 40]])
 
@@ -131,7 +132,7 @@ def test_cli_keeps_every_row_and_field_and_matches_the_api(trained, val_images, 
         api = refiner.refine(val_images / original["file_name"], [original["bbox"]])
         np.testing.assert_allclose(written["bbox"], api.boxes[0], atol=0.006)  # the file rounds to 2 decimals
         assert written["iou_pred"] == pytest.approx(api.iou_pred[0], abs=1e-4) and 0 < written["iou_pred"] < 1
-        assert written["bbox"] != original["bbox"] and written["refine_steps"] == 3
+        assert written["bbox"] != original["bbox"] and written["refine_steps"] == api.steps[0]  # the last box's moves
 
 
 def test_xywh_boxes_in_and_out(trained, val_images, detections, tmp_path):

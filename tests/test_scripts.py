@@ -86,11 +86,12 @@ def test_quick_mode_shrinks_the_embedded_default():
 
 def test_example_comparison_table():
     rows = [{"run": "full", "wall_seconds": 300.0, "epochs": 40, "train_images": 192, "extracted": 240,
-             "hit_rate": 0.976, "epoch_seconds": 0.6, "val_iou_input": 0.585, "val_iou_refined": 0.666},
+             "hit_rate": 0.976, "epoch_seconds": 0.6, "best_epoch": 25, "val_iou_input": 0.585, "val_iou_refined": 0.666},
             {"run": "fast", "wall_seconds": 20.0, "epochs": 40, "train_images": 19, "extracted": 0,
-             "hit_rate": 1.0, "epoch_seconds": 0.1, "val_iou_input": 0.585, "val_iou_refined": 0.62}]
+             "hit_rate": 1.0, "epoch_seconds": 0.1, "best_epoch": 3, "val_iou_input": 0.585, "val_iou_refined": 0.62}]
     table = run_optimized_training.comparison(rows)
-    assert "| full | 300.0 s | 40 x 192 | 240 | 97.6% |" in table and "0.585 -> 0.620" in table
+    assert "| full | 300.0 s | 40 x 192 | 240 | 97.6% | 0.60 s | 25: 0.585 -> 0.666 |" in table
+    assert "3: 0.585 -> 0.620" in table
 
 
 def test_example_bad_config_is_one_line(tmp_path, capsys):

@@ -74,6 +74,7 @@ def test_checkpoints_hold_the_original_keys(first_run):
     assert last["epoch"] == 19 and last["config"]["model"]["hidden_dim"] == 64 and last["encoder"]["model_type"] == "vit_b"
     best = max(history, key=lambda r: r["val_iou_refined_levels"])
     assert load_checkpoint(work / "ckpt" / "best_model.pth")["epoch"] == best["epoch"]
+    assert history.best == best  # what the example script reports
 
 
 def test_warm_run_never_builds_the_encoder_and_matches_the_cold_run(first_run, tmp_path, caplog):
@@ -133,6 +134,12 @@ def test_resume_with_another_model_shape_is_refused(first_run, tmp_path):
     cfg, work, _ = first_run
     with pytest.raises(CheckpointError, match=r"config key 'model.hidden_dim' changed \(64 -> 32\)"):
         train(replace(cfg, "model", hidden_dim=32), CPU, resume=str(work / "ckpt" / "last.pth"))
+
+
+def test_resume_with_another_gate_is_refused(first_run):
+    cfg, work, _ = first_run  # epochs judged with one gate must not be compared with epochs judged with another
+    with pytest.raises(CheckpointError, match=r"config key 'refinement.keep_margin' changed \(0.1 -> 0.3\)"):
+        train(replace(cfg, "refinement", keep_margin=0.3), CPU, resume=str(work / "ckpt" / "last.pth"))
 
 
 def test_cpu_amp_uses_bf16_autocast(synthetic_root, tmp_path, caplog, monkeypatch):
