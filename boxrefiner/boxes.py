@@ -108,6 +108,13 @@ def jitter_boxes(boxes: torch.Tensor, extent: torch.Tensor, center_std: float | 
     return clip_boxes(jittered, extent.double()).to(boxes.dtype)
 
 
+def jitter_draws(boxes: torch.Tensor, extent: torch.Tensor, center_std: float, scale_std: float, max_sigma: float,
+                 count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` independent jitters of every box, (N, count, 4), drawn one after the other from `generator`."""
+    return torch.stack([jitter_boxes(boxes, extent, center_std, scale_std, max_sigma, generator)
+                        for _ in range(count)], dim=1)
+
+
 def _column(value: float | torch.Tensor) -> torch.Tensor:
     """A number or (N,) tensor as a float64 column that broadcasts over (N, 4)."""
     return torch.as_tensor(value, dtype=torch.float64).reshape(-1, 1)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .boxes import box_iou, hflip_boxes, hflip_extent, iou_summary, jitter_boxes, jitter_with_levels
+from .boxes import box_iou, hflip_boxes, hflip_extent, iou_summary, jitter_draws, jitter_with_levels
 from .checkpoint import (BEST, LAST, CheckpointError, config_changes, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import BoxNoiseConfig, Config
@@ -209,7 +209,7 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
             n = len(indices)
             state.seen += n
             for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
-                state.totals[name] = state.totals.get(name, 0.0) + value.item() * n
+                state.totals[name] += value.item() * n
         else:  # skip the step: a NaN/inf loss would poison the weights
             consecutive_nonfinite += 1
             state.nonfinite_steps += 1
@@ -242,7 +242,7 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
         return None, state
     seen = max(1, state.seen)
     return {"train_loss": state.totals["loss"] / seen, "train_l1": state.totals["l1"] / seen,
-            "train_giou_loss": state.totals["giou"] / seen, "train_quality_error": state.totals.get("quality", 0.0) / seen,
+            "train_giou_loss": state.totals["giou"] / seen, "train_quality_error": state.totals["quality"] / seen,
             "epoch_seconds": state.seconds,
             "data_seconds": state.data_seconds, "samples_per_second": state.seen / state.seconds,
             "cache_hit_rate": state.cache_reads / max(1, state.fetched) if loader.from_cache else None,
@@ -294,8 +294,7 @@ def validation_inputs(cfg: Config, targets: Targets) -> dict[str, torch.Tensor]:
     for name, (center, scale, sigma, count) in sets.items():
         seed = cfg.evaluation.noise_seed if not name else cfg.evaluation.noise_seed * 1000 + zlib.crc32(name.encode()) % 1000
         generator = torch.Generator().manual_seed(seed)
-        draws = [jitter_boxes(targets.boxes, targets.extent, center, scale, sigma, generator) for _ in range(count)]
-        inputs[name] = torch.stack(draws, dim=1)
+        inputs[name] = jitter_draws(targets.boxes, targets.extent, center, scale, sigma, count, generator)
     return inputs
 
 
@@ -312,6 +311,8 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
     model.eval()
     device = next(model.parameters()).device
     names = list(inputs)
+    every_set = torch.cat([inputs[name] for name in names], dim=1)  # (images, boxes per image, 4)
+    sizes = [inputs[name].shape[1] for name in names]
     found: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in names}  # before, after, predicted
     losses = {"loss": 0.0, "l1": 0.0, "giou": 0.0, "quality": 0.0}
     start, n = time.perf_counter(), 0
@@ -319,26 +320,24 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
         if not len(indices):
             continue
         gt, extent = targets.boxes[indices].to(device), targets.extent[indices].to(device)
+        count = every_set.shape[1]
+        boxes = every_set[indices].flatten(0, 1).to(device)
         with autocast_context(device, precision):
-            trajectory = model(features, inputs[""][indices, 0].to(device), extent)
+            maps = model.context_maps(features)  # once for both passes
+            trajectory = model(maps, inputs[""][indices, 0].to(device), extent, widened=True)
             loss = training_loss(trajectory, gt, cfg)
-            per_box = torch.cat([inputs[name][indices] for name in names], dim=1)  # (n, boxes per image, 4)
-            count = per_box.shape[1]
-            boxes = per_box.flatten(0, 1).to(device)
             per_image = torch.arange(len(indices), device=device).repeat_interleave(count)
-            result = model(features, boxes, extent.repeat_interleave(count, 0),
-                           stop_threshold=cfg.refinement.stop_threshold, image_index=per_image)
+            result = model(maps, boxes, extent.repeat_interleave(count, 0), stop_threshold=cfg.refinement.stop_threshold,
+                           image_index=per_image, widened=True)
         chosen, predicted, _ = result.select(cfg.refinement.gate, cfg.refinement.keep_margin)
         truth = gt.repeat_interleave(count, 0)
         before, after = box_iou(boxes, truth).view(-1, count), box_iou(chosen, truth).view(-1, count)
-        start_column = 0
-        for name in names:
-            columns = slice(start_column, start_column + inputs[name].shape[1])
-            start_column = columns.stop
-            found[name][0].append(before[:, columns].flatten().cpu())
-            found[name][1].append(after[:, columns].flatten().cpu())
-            if predicted is not None:
-                found[name][2].append(predicted.view(-1, count)[:, columns].flatten().float().cpu())
+        columns = [before.split(sizes, dim=1), after.split(sizes, dim=1),
+                   predicted.view(-1, count).float().split(sizes, dim=1) if predicted is not None else None]
+        for k, name in enumerate(names):
+            for part, split in zip(found[name], columns):
+                if split is not None:
+                    part.append(split[k].flatten().cpu())
         for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
             losses[name] += value.item() * len(indices)
         n += len(indices)

@@ -108,11 +108,15 @@ class BoxRefinementModule(nn.Module):
                    image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Bilinear samples (N, C, R, R), float32, at cell centres of each context-enlarged box; box i
         looks at `features[image_index[i]]` (default: features[i])."""
+        return self._sample(features, boxes, image_index, _equal_groups(image_index, features.shape[0]))
+
+    def _sample(self, features: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor | None,
+                groups: int | None) -> torch.Tensor:
+        """sample_roi, with `groups` (J boxes per image in order, or None) worked out by the caller once."""
         cx, cy, w, h = xyxy_to_cxcywh(boxes).unbind(-1)
         steps = (torch.arange(self.roi_size, device=boxes.device, dtype=boxes.dtype) + 0.5) / self.roi_size - 0.5
         xs = cx[:, None] + steps[None] * w[:, None] * self.context_scale
         ys = cy[:, None] + steps[None] * h[:, None] * self.context_scale
-        groups = _equal_groups(image_index, features.shape[0])
         if features.dtype != torch.float32 or (image_index is not None and groups is None):
             return gather_bilinear(features, xs, ys, image_index)
         # grid_sample with align_corners=False: -1 and 1 are the outer edges of the embedding grid.
@@ -124,21 +128,16 @@ class BoxRefinementModule(nn.Module):
         out = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return out.view(features.shape[0], -1, groups, r, r).transpose(1, 2).reshape(-1, out.shape[1], r, r)
 
-    def widen(self, features: torch.Tensor) -> torch.Tensor:
-        """The context maps of `features`. On CPU they are computed in float32 even under autocast:
-        CPU bfloat16 dilated convolutions ran 50x slower than float32 (2-core EPYC, torch 2.14), and the
-        network is small enough that float32 costs nothing on any device that lacks fast bf16 kernels."""
-        assert self.context is not None
-        if features.device.type == "cpu":
-            with torch.autocast("cpu", enabled=False):
-                return self.context(features.float())
-        return self.context(features.float())
+    def context_maps(self, features: torch.Tensor) -> torch.Tensor:
+        """What every box samples: the context network's float32 maps of `features`, or `features` itself
+        in a module without one. Several calls on the same images compute it once and pass `widened=True`."""
+        return features if self.context is None else self.context(features.float())
 
-    def look(self, features: torch.Tensor, boxes: torch.Tensor,
-             image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def look(self, features: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor | None = None,
+             groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Bounded deltas (N, 4) for `boxes`, and the IoU logit (N,) of each box (None without a quality head).
-        `features` are the context maps where the module has a context network."""
-        maps = self.project(self.sample_roi(features, boxes, image_index))  # (N, heads, R, R)
+        `features` are `context_maps`' output; `groups` as in `_sample`."""
+        maps = self.project(self._sample(features, boxes, image_index, groups))  # (N, heads, R, R)
         profiles = torch.cat([maps.amax(dim=2).flatten(1), maps.amax(dim=3).flatten(1)], dim=1)
         geometry = xyxy_to_cxcywh(boxes).to(profiles.dtype)
         raw = self.head(torch.cat([profiles, geometry], dim=1)).float()
@@ -146,18 +145,20 @@ class BoxRefinementModule(nn.Module):
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor, extent: torch.Tensor,
                 num_iter: int | None = None, stop_threshold: float | None = None,
-                image_index: torch.Tensor | None = None) -> Trajectory:
+                image_index: torch.Tensor | None = None, widened: bool = False) -> Trajectory:
         """Refine `boxes` (N, 4); `extent` (N, 2) is each box's image width, height in the same frame.
 
         With `stop_threshold`, a box whose largest delta falls below it keeps its place for the
-        remaining iterations (inference); training runs every iteration on every box."""
+        remaining iterations (inference); training runs every iteration on every box. `widened`:
+        `features` are already `context_maps(features)`."""
         inputs = boxes = boxes.float()
-        if self.context is not None:  # the whole map is needed: widen it once, then every box samples the result
-            features = self.widen(features)
+        if not widened:  # the whole map is needed: widen it once, then every box samples the result
+            features = self.context_maps(features)
+        groups = _equal_groups(image_index, features.shape[0])
         active = torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)
         iterations, quality = [], []
         for _ in range(num_iter or self.max_iter):
-            deltas, q = self.look(features, boxes, image_index)
+            deltas, q = self.look(features, boxes, image_index, groups)
             refined = clip_boxes(apply_deltas(boxes, deltas), extent.float())
             if stop_threshold is not None:
                 refined = torch.where(active[:, None], refined, boxes)
@@ -166,7 +167,7 @@ class BoxRefinementModule(nn.Module):
             quality.append(q)
             boxes = refined.detach()  # each step learns to correct the previous one, not to steer it
         if self.quality_head:
-            quality.append(self.look(features, boxes, image_index)[1])  # how good the final box is
+            quality.append(self.look(features, boxes, image_index, groups)[1])  # how good the final box is
         return Trajectory(inputs, iterations, torch.stack(quality) if self.quality_head else None)
 
 

@@ -116,12 +116,10 @@ def add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_refiner(args: argparse.Namespace, **options: Any) -> BoxRefiner:
-    refiner = BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
-                                         cache_dir=args.cache_dir, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, gate=False if args.no_gate else None, **options)
-    if args.keep_margin is not None:
-        refiner.keep_margin = args.keep_margin
-    return refiner
+    return BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
+                                      cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                      num_workers=args.num_workers, gate=False if args.no_gate else None,
+                                      keep_margin=args.keep_margin, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:

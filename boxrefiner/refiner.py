@@ -74,10 +74,10 @@ class BoxRefiner:
     def __init__(self, model: BoxRefinementModule, identity: EncoderIdentity, cfg: Config, device: torch.device,
                  hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None, read_cache: bool = True,
                  store_features: bool = False, with_masks: bool = False, batch_size: int | None = None,
-                 num_workers: int = 2, gate: bool | None = None):
+                 num_workers: int = 2, gate: bool | None = None, keep_margin: float | None = None):
         self.model = model.to(device).eval()
         self.gate = cfg.refinement.gate if gate is None else gate
-        self.keep_margin = cfg.refinement.keep_margin
+        self.keep_margin = cfg.refinement.keep_margin if keep_margin is None else keep_margin
         if self.gate and not model.quality_head:
             log.info("this refiner has no quality head (trained before version 0.3): boxes are refined without the "
                      "gate, every box taking its last iteration's result")
@@ -103,13 +103,15 @@ class BoxRefiner:
     def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "auto",
                         hqsam_checkpoint: str | None = None, cache_dir: str | Path | None = None,
                         read_cache: bool = True, store_features: bool = False, with_masks: bool = False,
-                        batch_size: int | None = None, num_workers: int = 2, gate: bool | None = None) -> "BoxRefiner":
+                        batch_size: int | None = None, num_workers: int = 2, gate: bool | None = None,
+                        keep_margin: float | None = None) -> "BoxRefiner":
         """Load from a trainer checkpoint (`best_model.pth` or `last.pth`); no config file needed.
 
         `cache_dir` defaults to the training run's (relative paths from the current folder);
         `hqsam_checkpoint` to the run's `hqsam.checkpoint`, needed only for images whose features are
         not cached, and for masks. `read_cache=False` always encodes; `store_features` keeps what was
-        encoded in the cache. `gate` overrides the run's `refinement.gate`."""
+        encoded in the cache. `gate` and `keep_margin` override the run's `refinement.gate` and
+        `refinement.keep_margin`."""
         state = load_checkpoint(path)
         for key in ("model_args", "encoder"):
             if not isinstance(state.get(key), dict):
@@ -136,7 +138,7 @@ class BoxRefiner:
             log.info("feature cache %s%s", cache_dir.resolve(), "" if cache_dir.is_dir() else
                      " does not exist: every image will be encoded (--cache-dir points elsewhere)")
         return cls(model, identity, cfg, device, hqsam_checkpoint, cache_dir, read_cache, store_features, with_masks,
-                   batch_size, num_workers, gate)
+                   batch_size, num_workers, gate, keep_margin)
 
     # --- features ---------------------------------------------------------------------------------
 
@@ -296,13 +298,13 @@ class BoxRefiner:
         longest = float(max(width, height))
         extent = torch.tensor([[width / longest, height / longest]], dtype=torch.float32)
         normalised = torch.from_numpy(boxes / longest).float()
-        features = embedding.to(self.device, torch.float32)[None]
+        maps = self.model.context_maps(embedding.to(self.device, torch.float32)[None])  # once for every chunk
         paths, answers, predicted, chosen = [], [], [], []
         for chunk in normalised.split(_BOX_CHUNK):
             n = len(chunk)
-            result = self.model(features, chunk.to(self.device), extent.expand(n, 2).to(self.device),
+            result = self.model(maps, chunk.to(self.device), extent.expand(n, 2).to(self.device),
                                 stop_threshold=self.stop_threshold,
-                                image_index=torch.zeros(n, dtype=torch.long, device=self.device))
+                                image_index=torch.zeros(n, dtype=torch.long, device=self.device), widened=True)
             answer, iou, pick = result.select(self.gate, self.keep_margin)
             paths.append(torch.stack(result.boxes).cpu())
             answers.append(answer.cpu())

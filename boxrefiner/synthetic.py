@@ -122,7 +122,7 @@ def simulated_detections(root: str | Path, split: str = "val", center_std: float
     `per_image` independent detections of each image (rows grouped by image)."""
     import torch
 
-    from .boxes import jitter_boxes
+    from .boxes import jitter_draws
     from .config import BoxNoiseConfig, DataConfig
     from .data import load_split
 
@@ -132,8 +132,7 @@ def simulated_detections(root: str | Path, split: str = "val", center_std: float
     extent = torch.tensor([(s.width, s.height) for s in samples], dtype=torch.float64) / longest
     max_sigma = BoxNoiseConfig().max_sigma  # draws clipped as in training
     generator = torch.Generator().manual_seed(seed)
-    noisy = torch.stack([jitter_boxes(truth, extent, center_std, scale_std, max_sigma, generator) * longest
-                         for _ in range(per_image)], dim=1)  # (images, per_image, 4)
+    noisy = jitter_draws(truth, extent, center_std, scale_std, max_sigma, per_image, generator) * longest[:, None]
     scores = np.random.default_rng(seed).uniform(0.3, 0.99, (len(samples), per_image))
     return [{"file_name": s.file_name, "bbox": [round(float(v), 2) for v in box], "score": round(float(score), 3),
              "label": "fungus"} for s, boxes, row in zip(samples, noisy, scores) for box, score in zip(boxes, row)]

@@ -136,13 +136,14 @@ def test_the_context_network_widens_what_a_box_sees_and_takes_low_precision_maps
     torch.testing.assert_close(half, model(features.half().float(), box, EXTENT).boxes[0])
 
 
-def test_the_context_network_runs_in_float32_under_cpu_autocast():
-    """CPU bfloat16 dilated convolutions are ~50x slower than float32: the head keeps them out of autocast."""
+def test_maps_widened_once_give_what_forward_computes_itself():
     torch.manual_seed(2)
-    model = untrained(max_iter=1, context_layers=2, context_dim=16)
+    model = untrained(max_iter=2, context_layers=2, context_dim=16)
     perturb(model, 0.5)
     features = torch.randn(2, 256, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        widened = model.widen(features)
-    assert widened.dtype == torch.float32
-    torch.testing.assert_close(widened, model.widen(features))
+    box = torch.tensor([[0.30, 0.35, 0.62, 0.70], [0.2, 0.2, 0.5, 0.6]])
+    maps = model.context_maps(features)
+    assert maps.shape == (2, 16, 16, 16) and not torch.equal(maps[:, :16], features[:, :16])
+    once, itself = model(maps, box, EXTENT, widened=True), model(features, box, EXTENT)
+    torch.testing.assert_close(torch.stack(once.boxes), torch.stack(itself.boxes), rtol=0, atol=0)
+    torch.testing.assert_close(once.quality, itself.quality, rtol=0, atol=0)
