@@ -349,7 +349,7 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
         summary = iou_summary(torch.cat(before_parts), torch.cat(after_parts),
                               torch.cat(predicted_parts) if predicted_parts else None)
         record.update({metric_name(key, name): value for key, value in summary.items()})
-    levels = [record[metric_name("iou_refined", name)] for name in names if name]
+    levels = [float(record[metric_name("iou_refined", name)] or 0.0) for name in names if name]  # a mean: never None
     record["val_iou_refined_levels"] = sum(levels) / len(levels) if levels else record["val_iou_refined"]
     record["val_seconds"] = time.perf_counter() - start
     return record

@@ -99,10 +99,10 @@ class BoxRefinementModule(nn.Module):
         layers: list[nn.Module] = [nn.Linear(2 * num_heads * roi_size + 4, hidden_dim), nn.ReLU(inplace=True)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(hidden_dim, 4 + int(quality_head)))
-        self.head = nn.Sequential(*layers)
-        nn.init.zeros_(self.head[-1].weight)  # start as the identity: refined == input
-        nn.init.zeros_(self.head[-1].bias)
+        output = nn.Linear(hidden_dim, 4 + int(quality_head))
+        nn.init.zeros_(output.weight)  # start as the identity: refined == input
+        nn.init.zeros_(output.bias)
+        self.head = nn.Sequential(*layers, output)
 
     def sample_roi(self, features: torch.Tensor, boxes: torch.Tensor,
                    image_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,7 +156,8 @@ class BoxRefinementModule(nn.Module):
             features = self.context_maps(features)
         groups = _equal_groups(image_index, features.shape[0])
         active = torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-        iterations, quality = [], []
+        iterations: list[torch.Tensor] = []
+        quality: list[torch.Tensor] = []  # filled only with a quality head
         for _ in range(num_iter or self.max_iter):
             deltas, q = self.look(features, boxes, image_index, groups)
             refined = clip_boxes(apply_deltas(boxes, deltas), extent.float())
@@ -164,11 +165,13 @@ class BoxRefinementModule(nn.Module):
                 refined = torch.where(active[:, None], refined, boxes)
                 active = active & (deltas.abs().amax(dim=1) >= stop_threshold)
             iterations.append(refined)
-            quality.append(q)
+            if q is not None:
+                quality.append(q)
             boxes = refined.detach()  # each step learns to correct the previous one, not to steer it
-        if self.quality_head:
-            quality.append(self.look(features, boxes, image_index, groups)[1])  # how good the final box is
-        return Trajectory(inputs, iterations, torch.stack(quality) if self.quality_head else None)
+        last = self.look(features, boxes, image_index, groups)[1] if self.quality_head else None
+        if last is not None:
+            quality.append(last)  # how good the final box is
+        return Trajectory(inputs, iterations, torch.stack(quality) if quality else None)
 
 
 def _equal_groups(image_index: torch.Tensor | None, images: int) -> int | None:
