@@ -16,7 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -313,6 +313,7 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
     names = list(inputs)
     every_set = torch.cat([inputs[name] for name in names], dim=1)  # (images, boxes per image, 4)
     sizes = [inputs[name].shape[1] for name in names]
+    count = every_set.shape[1]
     found: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in names}  # before, after, predicted
     losses = {"loss": 0.0, "l1": 0.0, "giou": 0.0, "quality": 0.0}
     start, n = time.perf_counter(), 0
@@ -320,7 +321,6 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
         if not len(indices):
             continue
         gt, extent = targets.boxes[indices].to(device), targets.extent[indices].to(device)
-        count = every_set.shape[1]
         boxes = every_set[indices].flatten(0, 1).to(device)
         with autocast_context(device, precision):
             maps = model.context_maps(features)  # once for both passes
@@ -349,7 +349,7 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
         summary = iou_summary(torch.cat(before_parts), torch.cat(after_parts),
                               torch.cat(predicted_parts) if predicted_parts else None)
         record.update({metric_name(key, name): value for key, value in summary.items()})
-    levels = [float(record[metric_name("iou_refined", name)] or 0.0) for name in names if name]  # a mean: never None
+    levels = [cast(float, record[metric_name("iou_refined", name)]) for name in names if name]  # a mean: never None
     record["val_iou_refined_levels"] = sum(levels) / len(levels) if levels else record["val_iou_refined"]
     record["val_seconds"] = time.perf_counter() - start
     return record
