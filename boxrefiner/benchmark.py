@@ -25,7 +25,7 @@ import torch
 from .config import Config, load_config, replace
 from .engine import Targets, amp_precision, build_model, build_optimization, prepare_splits, seed_everything, train, train_one_epoch
 from .data import SplitData
-from .features import FeatureBatches, FeatureSources
+from .features import FeatureBatch, FeatureBatches, FeatureSources
 from .fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,14 @@ log = logging.getLogger(__name__)
 class PreparedBatches(FeatureBatches):
     """Batches held as ready tensors on the device: no reading, copying or indexing left."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], split: SplitData, batch_size: int):
+    def __init__(self, batches: list[FeatureBatch], split: SplitData, batch_size: int):
         super().__init__(split, batch_size, None)
         self.batches = batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for indices, features in self.batches:
-            self.cache_reads += len(indices)
-            yield indices, features
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        for batch in self.batches:
+            self.cache_reads += len(batch)
+            yield batch
 
 
 def isolated_outputs(cfg: Config, folder: Path) -> Config:
@@ -57,12 +57,13 @@ def head_only_seconds(cfg: Config, device: torch.device, epochs: int) -> list[fl
     model = build_model(cfg).to(device)
     precision = amp_precision(device, cfg.training.use_amp)
     sources = FeatureSources(cfg, device, train_split, val_split, precision)
-    targets = Targets.of(train_split.samples)
+    targets = Targets.of(train_split)
     optimizer, scheduler, scaler = build_optimization(cfg, model, len(sources.train), precision)
     seconds = []
     for epoch in range(epochs):
         sources.train_sampler.set_epoch(epoch)
-        batches = PreparedBatches([(i, f.float().clone()) for i, f in sources.train], train_split, cfg.training.batch_size)
+        batches = PreparedBatches([dataclasses.replace(b, features=b.features.float().clone()) for b in sources.train],
+                                  train_split, cfg.training.batch_size)
         record, _ = train_one_epoch(model, batches, targets, optimizer, scheduler, scaler, cfg, precision, epoch)
         seconds.append(record["epoch_seconds"])
     return seconds
@@ -87,7 +88,7 @@ def measure(cfg: Config, device: torch.device, epochs: int = 3, cache_off_epochs
         "warm_data_seconds": statistics.median(r["data_seconds"] for r in warm),
         "head_only_epoch_seconds": statistics.median(head),
         "cache_off_epoch_seconds": statistics.median(r["epoch_seconds"] for r in off),
-        "train_images": warm[0]["samples_per_second"] * warm[0]["epoch_seconds"],
+        "train_objects": warm[0]["samples_per_second"] * warm[0]["epoch_seconds"],
     }
     result["cache_speedup"] = result["cache_off_epoch_seconds"] / result["warm_epoch_seconds"]
     result["warm_over_head_only"] = result["warm_epoch_seconds"] / result["head_only_epoch_seconds"]
@@ -100,7 +101,7 @@ def fp16_storage_error(cfg: Config, count: int = 8) -> dict:
     from .encoder import build_encoder, encoder_identity, preprocess
     train_split, _ = prepare_splits(cfg)
     encoder = build_encoder(cfg.hqsam, torch.device("cpu"), encoder_identity(cfg.hqsam))
-    images = torch.stack([preprocess(load_rgb(s.image_path), cfg.hqsam.input_size) for s in train_split.samples[:count]])
+    images = torch.stack([preprocess(load_rgb(s.image_path), cfg.hqsam.input_size) for s in train_split.images[:count]])
     features = encoder.encode(images).numpy()
     error = np.abs(features.astype(np.float16).astype(np.float32) - features)
     return {"images": len(images), "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),

@@ -65,7 +65,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # differently (the gate decides the validation IoU that picks best_model.pth): refused.
 PROTECTED_KEYS = ("model.", "refinement.max_iter", "refinement.gate", "refinement.keep_margin", "refinement.stop_threshold", "hqsam.model_type", "hqsam.input_size", "hqsam.precision",
                   "data.data_subset", "data.train_split", "data.val_split", "data.image_size", "data.masks_file",
-                  "data.sample_ratio", "data.box_noise.", "training.seed", "evaluation.noise_seed",
+                  "data.sample_ratio", "data.box_noise.", "data.format", "data.min_box_size",
+                  "data.detection_box_format", "data.detection_match_iou", "data.detection_mix", "data.detection_noise.",
+                  "training.seed", "evaluation.noise_seed",
                   "evaluation.box_noise.", "evaluation.levels.", "evaluation.boxes_per_level",
                   "optimization.feature_cache.storage_dtype")
 
@@ -82,8 +84,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """Differences between a checkpoint's resolved config and the current one: (allowed, refused),
-    each as 'key: old -> new'."""
-    old, new = _flatten(saved), _flatten(current)
+    each as 'key: old -> new'. A key the checkpoint's version did not have counts as its default then."""
+    from .config import Config
+    old, new = {**_flatten(Config().to_dict()), **_flatten(saved)}, _flatten(current)
     allowed, refused = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):

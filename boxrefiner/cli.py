@@ -69,15 +69,28 @@ def resolve_resume(value: str | None, cfg: Config) -> str | None:
 
 
 def ensure_synthetic_data(cfg: Config) -> None:
-    """Generate the demo dataset when the config asks for it and it is not there yet."""
-    root = Path(cfg.data.data_root)
-    if cfg.data.synthetic is None or (root / "metadata").is_dir():
+    """Generate the demo dataset when the config asks for it (`data.synthetic`) and it is not there yet:
+    FungiTastic's layout at data.data_root, or for coco / yolo the multi-object dataset (both layouts
+    and simulated detections) at data.data_root, which the config's paths then point into."""
+    data, s = cfg.data, cfg.data.synthetic
+    if s is None:
         return
-    from .synthetic import generate
-    s = cfg.data.synthetic
-    log.info("data.data_root %s is missing: generating %d train + %d val synthetic images (seed %d)", root,
-             s.train_images, s.val_images, s.seed)
-    generate(root, s.train_images, s.val_images, s.seed)
+    root = Path(data.data_root)
+    if data.format == "fungitastic":
+        if (root / "metadata").is_dir():
+            return
+        from .synthetic import generate
+        log.info("data.data_root %s is missing: generating %d train + %d val synthetic images (seed %d)", root,
+                 s.train_images, s.val_images, s.seed)
+        generate(root, s.train_images, s.val_images, s.seed)
+        return
+    wanted = data.yolo_data if data.format == "yolo" else data.train_annotations
+    if not data.data_root or (wanted and Path(wanted).is_file()):
+        return
+    from .synthetic import generate_multi_object
+    log.info("%s is missing: generating a %d train + %d val multi-object synthetic dataset (seed %d) in %s", wanted,
+             s.train_images, s.val_images, s.seed, root)
+    generate_multi_object(root, s.train_images, s.val_images, s.seed)
 
 
 def clear_features(cfg: Config, every_encoder: bool) -> None:

@@ -114,6 +114,9 @@ class SyntheticDataConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # fungitastic: data_root in FungiTastic's published layout; coco: <split>_images + <split>_annotations
+    # (COCO instances JSON); yolo: yolo_data (an Ultralytics data.yaml).
+    format: Literal["fungitastic", "coco", "yolo"] = "fungitastic"
     data_root: str = ""
     data_subset: str = "Mini"
     train_split: str = "train"
@@ -127,6 +130,22 @@ class DataConfig:
     box_noise: Union[BoxNoiseConfig, tuple[BoxNoiseConfig, ...]] = field(default_factory=lambda: (
         BoxNoiseConfig(0.02, 0.03), BoxNoiseConfig(0.1, 0.15), BoxNoiseConfig(0.2, 0.3)))
     synthetic: Optional[SyntheticDataConfig] = None
+    train_images: Optional[str] = None  # coco: image folders and instances JSONs of both splits
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    yolo_data: Optional[str] = None  # yolo: data.yaml
+    min_box_size: float = _spec(1.0, lo=0)  # objects narrower or lower than this (pixels) are skipped
+    # A detector's boxes (refine_boxes.py's input format) as training inputs and validation boxes: each
+    # detection is matched one-to-one to an object of its image (highest IoU first, at least
+    # detection_match_iou); detection_mix is the share of training boxes of matched objects taken
+    # from the detection (with detection_noise jitter on top), the rest being jittered truth.
+    train_detections: Optional[str] = None
+    val_detections: Optional[str] = None
+    detection_box_format: Literal["xyxy", "xywh"] = "xyxy"
+    detection_match_iou: float = _spec(0.3, lo=0, hi=1, lo_open=True)
+    detection_mix: float = _spec(0.5, lo=0, hi=1)
+    detection_noise: Optional[BoxNoiseConfig] = None
 
     @property
     def noise_levels(self) -> tuple[BoxNoiseConfig, ...]:
@@ -363,7 +382,8 @@ def _build(cls: type, raw: Any, prefix: str, ignored: list[str] | None = None) -
 
 
 # level names whose per-level metric key (val_<key>_<name>) is already another metric's
-RESERVED_LEVEL_NAMES = {"tol": "val_worse_rate_tol", "levels": "val_iou_refined_levels"}
+RESERVED_LEVEL_NAMES = {"tol": "val_worse_rate_tol", "levels": "val_iou_refined_levels",
+                        "detections": "val_iou_refined_detections (the validation detections)"}
 
 
 def _cross_check(cfg: Config) -> None:
@@ -382,9 +402,21 @@ def _cross_check(cfg: Config) -> None:
         if not (0 <= center <= 1 and 0 <= scale <= 1):
             raise ConfigError(f"config key 'evaluation.levels.{name}': [center_std, scale_std] must lie in [0, 1], "
                               f"got [{center}, {scale}]")
-    if not cfg.data.data_root:
+    data = cfg.data
+    if data.format == "fungitastic" and not data.data_root:
         raise ConfigError("config key 'data.data_root' is required: the FungiTastic root holding "
-                          "metadata/, FungiTastic-Mini/ and masks/")
+                          "metadata/, FungiTastic-Mini/ and masks/ (or set data.format: coco | yolo)")
+    if data.format == "coco":
+        for split in (data.train_split, data.val_split):
+            if split not in ("train", "val"):
+                raise ConfigError(f"config key 'data.{'train' if split == data.train_split else 'val'}_split': "
+                                  f"data.format coco names its splits train and val, got {split!r}")
+            for part in ("images", "annotations"):
+                if not getattr(data, f"{split}_{part}"):
+                    raise ConfigError(f"config key 'data.{split}_{part}' is required with data.format coco")
+    if data.format == "yolo" and not data.yolo_data:
+        raise ConfigError("config key 'data.yolo_data' is required with data.format yolo: the path of an "
+                          "Ultralytics data.yaml")
 
 
 def config_from_dict(raw: dict, ignored: list[str] | None = None) -> Config:

@@ -1,41 +1,40 @@
-"""FungiTastic in its published layout: split CSVs, `<size>p` image folders and the CVAT-RLE masks parquet.
+"""Labelled splits in any supported layout, as images and the objects in them.
 
-    <data_root>/metadata/FungiTastic-Mini/FungiTastic-Mini-Train.csv         (column `filename`)
-    <data_root>/metadata/FungiTastic-Mini/FungiTastic-Mini-ClosedSet-Val.csv
-    <data_root>/FungiTastic-Mini/{train,val,test}/{300p,500p,720p,fullsize}/<filename>
-    <data_root>/masks/FungiTastic-Mini-TrainMasks.parquet                   (file_name, label, width, height, rle)
-    <data_root>/masks/FungiTastic-Mini-ValidationMasks.parquet
+Every layout reader (`fungitastic`, `coco`, `yolo`) lists a split's images with their annotated
+objects in the annotation's own pixel frame; `load_split` then does what is common to all of them:
+the seeded image subset (`data.sample_ratio`, `debug.max_samples` count images, and every object of
+a chosen image comes along), the checks that need the image file (present, decodable, its size after
+EXIF orientation), the scaling of boxes to that loaded image, and the per-object checks (inside the
+image, at least `data.min_box_size` pixels). Objects, not images, are the training samples; an
+image's embedding is computed and cached once however many objects it holds.
 
-The ground-truth box of an image is the tight box of the union of all its mask parts (cap, stem,
-gills, ...): the smallest box holding every foreground pixel, in continuous pixel-edge coordinates
-(`right = last column + 1`), scaled from the annotated `width` x `height` image to the loaded one.
+Whatever is left out is counted by reason and listed (`SplitData.skipped_files`, written to the run
+folder's skipped.jsonl), naming the file and, where there is one, the annotation or line.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
+import torch
 from PIL import Image, ImageOps
 
 from .config import DataConfig
-from .rle import BoxOutsideImage, RLEError, decode_cvat_rle, mask_box
 
 log = logging.getLogger(__name__)
 
-_SPLITS = {
-    # split: (CSV name suffixes tried in order, image folder, masks parquet suffix)
-    "train": (("Train",), "train", "TrainMasks"),
-    "val": (("ClosedSet-Val", "Val"), "val", "ValidationMasks"),
-    "test": (("ClosedSet-Test", "Test"), "test", "TestMasks"),
-}
 _EXIF_ORIENTATION = 0x0112
 # What decoding a broken, truncated or absurdly large image raises (PIL's bomb check is a plain Exception).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+NORMALISED = (1.0, 1.0)  # the annotated frame of coordinates given as fractions of the image (YOLO)
 
 
 class DataError(ValueError):
@@ -43,128 +42,133 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
-class Sample:
-    file_name: str
+class ImageRecord:
+    file_name: str  # as the annotations and detection files name it
     image_path: Path
     width: int  # of the loaded (EXIF-oriented) image
     height: int
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    image: int  # index into SplitData.images
     box: tuple[float, float, float, float]  # ground truth, xyxy pixels of the loaded image
+    category_id: int = 1
+    mask: Any = None  # what draws its ground-truth mask (see `masks.object_mask`); None: none annotated
+    ref: str = ""  # where it came from, for messages: "annotation 17", "line 3"
 
 
 @dataclass
 class SplitData:
     split: str
-    samples: list[Sample]
+    images: list[ImageRecord]
+    objects: list[ObjectRecord] = field(default_factory=list)  # ordered by image file name, then annotation order
+    categories: dict[int, str] = field(default_factory=lambda: {1: "object"})
     skipped: Counter = field(default_factory=Counter)  # reason -> count
-    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (file_name, reason)
-    # Samples left out after indexing (their image stopped decoding, or its features are not finite):
-    # they keep their index, so sampling order and resumption do not depend on when this was found.
-    excluded: dict[int, str] = field(default_factory=dict)
+    skipped_files: list[dict] = field(default_factory=list)  # {file_name, reason[, detail]}
+    # Images left out after indexing (their file stopped decoding, or their features are not finite):
+    # they and their objects keep their index, so sampling order and resumption do not depend on when
+    # this was found.
+    excluded: dict[int, str] = field(default_factory=dict)  # image index -> reason
+    masks_file: Path | None = None  # FungiTastic: the parquet the objects' masks are read from
+    # Detector boxes matched one-to-one to objects (data.train_detections / data.val_detections):
+    # object index -> xyxy pixels; detections that matched no object are counted in `skipped`.
+    detections: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+    _names: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _bare: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def skip(self, file_name: str, reason: str) -> None:
+    def skip(self, file_name: str, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
-        self.skipped_files.append((file_name, reason))
+        self.skipped_files.append({"file_name": file_name, "reason": reason, **({"detail": detail} if detail else {})})
 
-    def exclude(self, index: int, reason: str) -> None:
-        if index not in self.excluded:
-            self.excluded[index] = reason
-            self.skip(self.samples[index].file_name, reason)
+    def exclude(self, image: int, reason: str) -> None:
+        if image not in self.excluded:
+            self.excluded[image] = reason
+            self.skip(self.images[image].file_name, reason)
 
     @property
     def usable(self) -> int:
-        return len(self.samples) - len(self.excluded)
+        """Objects whose image is not excluded."""
+        if not self.excluded:
+            return len(self.objects)
+        return sum(o.image not in self.excluded for o in self.objects)
+
+    @property
+    def object_image(self) -> torch.Tensor:
+        """(N,) image index of every object."""
+        return torch.tensor([o.image for o in self.objects], dtype=torch.long)
+
+    def category_name(self, category_id: int) -> str:
+        return self.categories.get(category_id, str(category_id))
+
+    def image_named(self, file_name: str) -> int | None:
+        """The image a detection's `file_name` names: its name in the split, or its bare file name when
+        no other image of the split has it (a YOLO image is named by its path under the dataset root,
+        a detector usually writes the file name alone)."""
+        if self._names is None:
+            self._names = {image.file_name: i for i, image in enumerate(self.images)}
+            bare: dict[str, list[int]] = {}
+            for i, image in enumerate(self.images):
+                bare.setdefault(Path(image.file_name).name, []).append(i)
+            self._bare = {name: found[0] for name, found in bare.items() if len(found) == 1}
+        found = self._names.get(file_name)
+        return found if found is not None else self._bare.get(file_name)
+
+    def objects_by_image(self) -> dict[int, list[int]]:
+        """Image index -> its objects' indices, in order."""
+        grouped: dict[int, list[int]] = {}
+        for k, obj in enumerate(self.objects):
+            grouped.setdefault(obj.image, []).append(k)
+        return grouped
+
+    def longest_sides(self) -> torch.Tensor:
+        """(N,) float64: the longest side of each object's image, the unit of the normalised frame."""
+        return torch.tensor([max(self.images[o.image].width, self.images[o.image].height) for o in self.objects],
+                            dtype=torch.float64)
 
 
-def subset_name(subset: str) -> str:
-    return subset if subset.startswith("FungiTastic") else f"FungiTastic-{subset}"
+@dataclass
+class RawObject:
+    """An annotated object in its annotation's pixel frame (YOLO: normalised, a 1 x 1 frame)."""
+    box: tuple[float, float, float, float]  # xyxy
+    category_id: int = 1
+    mask: Any = None
+    ref: str = ""  # "annotation 17", "labels/a.txt line 3": named in every message about it
+    problem: tuple[str, str] | None = None  # (reason, detail): the reader found it unusable (skipped, counted)
+
+    @classmethod
+    def unusable(cls, ref: str, reason: str, detail: str) -> RawObject:
+        """An annotation a reader could not make an object of: skipped and counted where its image is used."""
+        return cls((0.0, 0.0, 0.0, 0.0), ref=ref, problem=(reason, detail))
 
 
-def expected_layout(cfg: DataConfig) -> str:
-    name = subset_name(cfg.data_subset)
-    return (f"expected {cfg.data_root}/metadata/{name}/{name}-Train.csv, "
-            f"{cfg.data_root}/{name}/<split>/{_size_folder(cfg.image_size)}/<filename>, "
-            f"{cfg.data_root}/masks/{name}-TrainMasks.parquet")
+class SkipImage(Exception):
+    """A layout reader's verdict on a whole image: left out for `reason` (a short snake_case word)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
 
 
-def _size_folder(image_size: int | str) -> str:
-    return "fullsize" if image_size == "fullsize" else f"{image_size}p"
+@dataclass
+class RawImage:
+    """An image as a layout lists it. `annotated` returns (annotated width, height or None for the
+    loaded image's own size, objects), or raises SkipImage; it runs for the chosen subset only, so a
+    costly reader (FungiTastic's mask decoding) decodes nothing it does not use."""
+    file_name: str
+    path: Path
+    annotated: Callable[[], tuple[tuple[float, float] | None, list[RawObject]]]
 
 
-def split_paths(cfg: DataConfig, split: str) -> tuple[Path, Path, Path]:
-    """(metadata CSV, image folder, masks parquet) of a split; DataError when the layout is off."""
-    if split not in _SPLITS:
-        raise DataError(f"unknown split '{split}' (data.train_split / data.val_split): use one of {', '.join(_SPLITS)}")
-    root = Path(cfg.data_root)
-    if not root.is_dir():
-        raise DataError(f"data.data_root '{root}' does not exist; {expected_layout(cfg)}")
-    name = subset_name(cfg.data_subset)
-    csv_suffixes, folder, masks_suffix = _SPLITS[split]
-    candidates = [root / "metadata" / name / f"{name}-{s}.csv" for s in csv_suffixes]
-    csv = next((c for c in candidates if c.is_file()), None)
-    if csv is None:
-        raise DataError(f"metadata CSV for split '{split}' not found: {candidates[0]}; {expected_layout(cfg)}")
-    images = root / name / folder / _size_folder(cfg.image_size)
-    if not images.is_dir():
-        raise DataError(f"image folder for split '{split}' not found: {images} (data.image_size={cfg.image_size!r})")
-    masks = Path(cfg.masks_file) if cfg.masks_file else root / "masks" / f"{name}-{masks_suffix}.parquet"
-    if not masks.is_file():
-        raise DataError(f"masks file for split '{split}' not found: {masks} (data.masks_file overrides it)")
-    return csv, images, masks
-
-
-def read_filenames(csv: Path) -> list[str]:
-    try:
-        frame = pd.read_csv(csv, usecols=["filename"], dtype=str)
-    except ValueError as exc:
-        raise DataError(f"{csv}: needs a 'filename' column ({exc})") from None
-    return list(dict.fromkeys(frame["filename"].dropna()))  # unique, in file order
-
-
-def read_masks(parquet: Path, file_names: set[str]) -> dict[str, list[tuple]]:
-    """Mask rows (rle, width, height) per file name, for the given files only."""
-    try:
-        frame = pd.read_parquet(parquet, columns=["file_name", "width", "height", "rle"])
-    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise DataError(f"{parquet}: cannot read masks parquet with columns file_name, width, height, rle ({exc})") from None
-    frame = frame[frame["file_name"].isin(file_names)]
-    rows: dict[str, list[tuple]] = {}
-    for name, rle, width, height in zip(frame["file_name"], frame["rle"], frame["width"], frame["height"]):
-        try:
-            size = int(width), int(height)
-        except (TypeError, ValueError):  # NaN or text: the row cannot be placed; the image is skipped as bad_rle
-            size = (0, 0)
-        rows.setdefault(name, []).append((rle, *size))
-    return rows
-
-
-def union_box(rows: list[tuple]) -> tuple[float, float, float, float, int, int]:
-    """Tight box (pixel edges) of all parts of one image, and the annotated image size."""
-    boxes = []
-    for rle, width, height in rows:
-        if width <= 0 or height <= 0:
-            raise RLEError(f"mask row without a valid image size ({width}x{height})")
-        mask, (left, top, _, _) = decode_cvat_rle(rle, width, height)
-        box = mask_box(mask, (left, top))
-        if box is not None:
-            boxes.append(box)
-    if not boxes:
-        raise RLEError("every part mask is empty")
-    arr = np.array(boxes)
-    _, width, height = rows[0]
-    return float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max() + 1), float(arr[:, 3].max() + 1), width, height
-
-
-def ground_truth_mask(rows: list[tuple], width: int, height: int) -> np.ndarray:
-    """Union of an image's part masks (rows from `read_masks`), scaled (nearest) from the annotated size
-    to the loaded `width` x `height` image: the object HQ-SAM should cut out."""
-    _, mask_w, mask_h = rows[0]
-    canvas = np.zeros((mask_h, mask_w), dtype=bool)
-    for rle, part_w, part_h in rows:
-        part, (left, top, _, _) = decode_cvat_rle(rle, part_w, part_h)
-        canvas[top:top + part.shape[0], left:left + part.shape[1]] |= part
-    if (mask_w, mask_h) == (width, height):
-        return canvas
-    return np.asarray(Image.fromarray(canvas).resize((width, height), Image.NEAREST))
+@dataclass
+class Layout:
+    """What a layout reader hands to `load_split`: images in any order, what it already left out
+    (e.g. an annotation pointing at an unknown image), the category names, and the masks parquet."""
+    images: list[RawImage]
+    categories: dict[int, str]
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (file_name, reason, detail)
+    masks_file: Path | None = None
 
 
 def oriented_size(path: Path) -> tuple[int, int]:
@@ -217,8 +221,8 @@ def readable(path: Path) -> bool:
 
 
 def choose_subset(n: int, ratio: float | None, max_count: int | None, seed: int) -> list[int]:
-    """Seeded random subset of indices (kept in file order), not a prefix."""
-    count = n if ratio is None else max(1, int(round(n * ratio)))
+    """Seeded random subset of indices (kept in order), not a prefix."""
+    count = n if ratio is None else max(1, round(n * ratio))
     if max_count is not None:
         count = min(count, max_count)
     if count >= n:
@@ -226,40 +230,92 @@ def choose_subset(n: int, ratio: float | None, max_count: int | None, seed: int)
     return sorted(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist())
 
 
+def read_layout(cfg: DataConfig, split: str) -> Layout:
+    """The configured layout's reader (DataError when its files are not where the config says)."""
+    if cfg.format == "coco":
+        from .coco import read_coco
+        return read_coco(cfg, split)
+    if cfg.format == "yolo":
+        from .yolo import read_yolo
+        return read_yolo(cfg, split)
+    from .fungitastic import read_fungitastic
+    return read_fungitastic(cfg, split)
+
+
+def describe_layout(cfg: DataConfig) -> str:
+    """Where the configured layout expects its files, for messages about an unusable split."""
+    if cfg.format == "coco":
+        return "data.format coco reads data.<split>_images and data.<split>_annotations (COCO instances JSON)"
+    if cfg.format == "yolo":
+        return f"data.format yolo reads {cfg.yolo_data} (Ultralytics data.yaml: path, train, val, names)"
+    from .fungitastic import expected_layout
+    return expected_layout(cfg)
+
+
 def load_split(cfg: DataConfig, split: str, *, sample_ratio: float | None = None, max_samples: int | None = None,
-               seed: int = 0) -> SplitData:
-    """Index one split: images with masks, their ground-truth boxes, and what was skipped and why."""
-    csv, image_dir, masks = split_paths(cfg, split)
-    names = read_filenames(csv)
-    rows = read_masks(masks, set(names))
-    result = SplitData(split, [])
-    with_masks = []
-    for name in names:
-        if name in rows:
-            with_masks.append(name)
-        else:
-            result.skip(name, "no_mask")
-    for index in choose_subset(len(with_masks), sample_ratio, max_samples, seed):
-        name = with_masks[index]
-        path = image_dir / name
-        if not path.is_file():
-            result.skip(name, "missing_image")
+               seed: int = 0, detections: str | None = None) -> SplitData:
+    """Index one split: its images, their objects' boxes in the loaded images' pixels, and what was
+    skipped and why; with `detections` (a detections JSON), detector boxes matched to the objects."""
+    layout = read_layout(cfg, split)
+    result = SplitData(split, [], categories=dict(layout.categories), masks_file=layout.masks_file)
+    for name, reason, detail in layout.skipped:
+        result.skip(name, reason, detail)
+    listed = sorted(layout.images, key=lambda r: r.file_name)
+    for index in choose_subset(len(listed), sample_ratio, max_samples, seed):
+        raw = listed[index]
+        if not raw.path.is_file():
+            result.skip(raw.file_name, "missing_image", str(raw.path))
             continue
         try:
-            x0, y0, x1, y1, mask_w, mask_h = union_box(rows[name])
-        except RLEError as exc:
-            log.debug("%s: %s", name, exc)
-            result.skip(name, "out_of_image" if isinstance(exc, BoxOutsideImage) else "bad_rle")
+            annotated, objects = raw.annotated()
+        except SkipImage as skip:
+            log.debug("%s: %s %s", raw.file_name, skip.reason, skip.detail)
+            result.skip(raw.file_name, skip.reason, skip.detail)
             continue
         try:
-            width, height = oriented_size(path)
+            width, height = oriented_size(raw.path)
         except DECODE_ERRORS:
-            result.skip(name, "unreadable_image")
+            result.skip(raw.file_name, "unreadable_image")
             continue
-        sx, sy = width / mask_w, height / mask_h
-        box = (x0 * sx, y0 * sy, min(x1 * sx, width), min(y1 * sy, height))
-        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
-            result.skip(name, "empty_box")
+        kept = _place_objects(result, raw.file_name, objects, annotated, width, height, cfg.min_box_size)
+        if not kept:
+            if not objects:  # (when every object was left out, their own reasons say why)
+                result.skip(raw.file_name, "no_objects")
             continue
-        result.samples.append(Sample(name, path, width, height, box))
+        image = len(result.images)
+        result.images.append(ImageRecord(raw.file_name, raw.path, width, height))
+        result.objects += [ObjectRecord(image, box, o.category_id, o.mask, o.ref) for box, o in kept]
+    if detections:
+        from .matching import attach_detections
+        attach_detections(result, detections, cfg.detection_box_format, cfg.detection_match_iou)
     return result
+
+
+def _place_objects(result: SplitData, file_name: str, objects: list[RawObject], annotated: tuple[float, float] | None,
+                   width: int, height: int, min_size: float) -> list[tuple[tuple[float, float, float, float], RawObject]]:
+    """Objects scaled from the annotated frame to the loaded image, clipped to it; those outside it,
+    without area or smaller than `min_size` pixels are skipped by reason."""
+    sx, sy = (1.0, 1.0) if annotated is None else (width / annotated[0], height / annotated[1])
+    # normalised coordinates (YOLO) come back as pixels with decimal noise (152.99999997): snap to 1e-6 px
+    snap = (lambda v: round(v, 6)) if annotated == NORMALISED else (lambda v: v)
+    kept = []
+    for obj in objects:
+        if obj.problem is not None:
+            result.skip(file_name, obj.problem[0], f"{obj.ref}: {obj.problem[1]}")
+            continue
+        x0, y0, x1, y1 = obj.box
+        if not (x1 > x0 and y1 > y0):
+            result.skip(file_name, "invalid_box", f"{obj.ref}: box {list(obj.box)} has no positive width and height")
+            continue
+        box = (max(0.0, snap(x0 * sx)), max(0.0, snap(y0 * sy)), min(snap(x1 * sx), float(width)),
+               min(snap(y1 * sy), float(height)))
+        if box[2] <= box[0] or box[3] <= box[1]:
+            result.skip(file_name, "outside_image", f"{obj.ref}: box {[round(v, 2) for v in obj.box]} lies outside "
+                                                    f"the {width}x{height} image")
+            continue
+        if box[2] - box[0] < min_size or box[3] - box[1] < min_size:
+            result.skip(file_name, "too_small", f"{obj.ref}: {box[2] - box[0]:.1f}x{box[3] - box[1]:.1f} pixels, "
+                                                f"below data.min_box_size {min_size:g}")
+            continue
+        kept.append((box, obj))
+    return kept

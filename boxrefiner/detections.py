@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fileio import read_json
 
 BOX_FORMATS = ("xyxy", "xywh")
 
@@ -34,15 +35,7 @@ def read_detections(path: str | Path) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise DetectionsError(f"detections file '{path}' does not exist")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DetectionsError(f"detections file '{path}' is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise DetectionsError(f"detections file '{path}' line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(rows, list):
-        raise DetectionsError(f"detections file '{path}' must hold a JSON list of objects, not a {type(rows).__name__}")
-    return rows
+    return read_json(path, "detections file", DetectionsError)
 
 
 def to_xyxy(bbox: Any, box_format: str) -> tuple[float, float, float, float]:

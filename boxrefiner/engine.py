@@ -22,11 +22,28 @@ import numpy as np
 import torch
 
 from . import __version__
-from .boxes import box_iou, hflip_boxes, hflip_extent, iou_summary, jitter_draws, jitter_with_levels
-from .checkpoint import (BEST, LAST, CheckpointError, config_changes, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .boxes import (
+    box_iou,
+    clip_boxes,
+    hflip_boxes,
+    hflip_extent,
+    iou_summary,
+    jitter_boxes,
+    jitter_draws,
+    jitter_with_levels,
+)
+from .checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    config_changes,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import BoxNoiseConfig, Config
-from .data import DataError, Sample, SplitData, expected_layout, load_split
+from .data import DataError, SplitData, describe_layout, load_split
 from .encoder import EMBED_DIM, EncoderIdentity, autocast_context, encoder_identity
 from .features import FeatureBatches, FeatureSources
 from .fileio import append_jsonl, first_line, write_jsonl
@@ -71,32 +88,45 @@ def amp_precision(device: torch.device, use_amp: bool) -> str:
 
 @dataclass
 class Targets:
-    """Per-sample ground truth in the normalised frame (pixels / longest side)."""
+    """Per-object ground truth in the normalised frame (pixels / longest side of the object's image)."""
     boxes: torch.Tensor  # (N, 4)
-    extent: torch.Tensor  # (N, 2) image width, height
+    extent: torch.Tensor  # (N, 2) the image's width, height
+    detections: torch.Tensor | None = None  # (N, 4) the matched detector box (the truth where there is none)
+    has_detection: torch.Tensor | None = None  # (N,) bool
 
     @classmethod
-    def of(cls, samples: list[Sample]) -> "Targets":
-        longest = torch.tensor([max(s.width, s.height) for s in samples], dtype=torch.float64)
-        boxes = torch.tensor([s.box for s in samples], dtype=torch.float64) / longest[:, None]
-        extent = torch.tensor([(s.width, s.height) for s in samples], dtype=torch.float64) / longest[:, None]
-        return cls(boxes.float(), extent.float())
+    def of(cls, split: SplitData) -> Targets:
+        images = [split.images[o.image] for o in split.objects]
+        longest = split.longest_sides()[:, None]
+        boxes = torch.tensor([o.box for o in split.objects], dtype=torch.float64).reshape(-1, 4) / longest
+        extent = torch.tensor([(i.width, i.height) for i in images], dtype=torch.float64).reshape(-1, 2) / longest
+        if not split.detections:
+            return cls(boxes.float(), extent.float())
+        matched = sorted(split.detections)
+        has = torch.zeros(len(split.objects), dtype=torch.bool)
+        has[matched] = True
+        found = boxes.clone()
+        found[matched] = torch.tensor([split.detections[k] for k in matched], dtype=torch.float64) / longest[matched]
+        return cls(boxes.float(), extent.float(), clip_boxes(found, extent).float(), has)
 
 
 def prepare_splits(cfg: Config, debug: bool = False) -> tuple[SplitData, SplitData]:
-    """Index both splits; train is sampled by data.sample_ratio, both capped by --debug."""
+    """Index both splits; train is sampled by data.sample_ratio, both capped by --debug (counting images)."""
     cap = cfg.debug.max_samples if debug else None
     train = load_split(cfg.data, cfg.data.train_split, sample_ratio=cfg.data.sample_ratio, max_samples=cap,
-                       seed=cfg.training.seed)
-    val = load_split(cfg.data, cfg.data.val_split, max_samples=cap, seed=cfg.training.seed)
+                       seed=cfg.training.seed, detections=cfg.data.train_detections)
+    val = load_split(cfg.data, cfg.data.val_split, max_samples=cap, seed=cfg.training.seed,
+                     detections=cfg.data.val_detections)
     for split in (train, val):
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(split.skipped.items())) or "none"
-        log.info("%s split: %d samples used; skipped: %s", split.split, len(split.samples), reasons)
-        if not split.samples:
-            raise DataError(f"split '{split.split}' has no usable samples (skipped: {reasons}); {expected_layout(cfg.data)}")
+        log.info("%s split: %d objects on %d images used; skipped: %s", split.split, len(split.objects),
+                 len(split.images), reasons)
+        if not split.objects:
+            raise DataError(f"split '{split.split}' has no usable objects (skipped: {reasons}); "
+                            f"{describe_layout(cfg.data)}")
     if cfg.data.sample_ratio is not None:
         log.info("data.sample_ratio=%g: training on a seeded random %d-image subset", cfg.data.sample_ratio,
-                 len(train.samples))
+                 len(train.images))
     return train, val
 
 
@@ -179,25 +209,32 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
     stopped = False
     start = fetch = time.perf_counter()
     bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False, initial=state.step, total=len(loader))
-    for indices, features in bar:
+    for batch in bar:
         state.data_seconds += time.perf_counter() - fetch  # waiting for features: reading, or the encoder
-        if not len(indices):  # every sample of this batch was left out: the schedule still counts the step
+        if not len(batch):  # every object of this batch was left out: the schedule still counts the step
             scheduler.step()
             state.step += 1
             fetch = time.perf_counter()
             continue
+        indices, features = batch.objects, batch.features
         state.fetched += len(indices)
         copies = cfg.training.boxes_per_object
         gt, extent = targets.boxes[indices], targets.extent[indices]
-        if cfg.training.hflip:
-            flip = torch.rand(len(indices), generator=generator) < 0.5
+        found = targets.detections[indices] if targets.detections is not None else None
+        if cfg.training.hflip:  # one draw per image: its objects (and their detections) mirror with it
+            flip_image = torch.rand(len(features), generator=generator) < 0.5
+            flip = flip_image[batch.image_index]
             gt, extent = hflip_boxes(gt, flip), hflip_extent(extent, flip)
-            features = torch.where(flip.to(device)[:, None, None, None], features.flip(-1), features)
+            found = hflip_boxes(found, flip) if found is not None else None
+            features = torch.where(flip_image.to(device)[:, None, None, None], features.flip(-1), features)
         if cfg.training.feature_dropout > 0:
             features = drop_channels(features, cfg.training.feature_dropout, generator)
         gt, extent = gt.repeat_interleave(copies, 0), extent.repeat_interleave(copies, 0)
         inputs = jitter_with_levels(gt, extent, levels, generator)  # fresh, independent boxes for every copy
-        per_image = torch.arange(len(indices), device=device).repeat_interleave(copies) if copies > 1 else None
+        if found is not None and targets.has_detection is not None:
+            boxes, use = detection_inputs(found, targets.has_detection[indices], copies, extent, cfg, generator)
+            inputs = torch.where(use[:, None], boxes, inputs)
+        per_image = None if batch.one_per_image and copies == 1 else batch.image_index.repeat_interleave(copies).to(device)
         gt, extent, inputs = gt.to(device), extent.to(device), inputs.to(device)
         with autocast_context(device, precision):
             trajectory = model(features, inputs, extent, image_index=per_image)
@@ -249,6 +286,20 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
             "cache_healed": state.healed, "nonfinite_steps": state.nonfinite_steps}, state
 
 
+def detection_inputs(found: torch.Tensor, has: torch.Tensor, copies: int, extent: torch.Tensor, cfg: Config,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detector boxes as training inputs: (boxes (N * copies, 4), which rows take them), from the
+    objects' matched detections `found` (N, 4) and which objects have one, `has` (N,). Each copy of an
+    object with a detection takes it with probability data.detection_mix, with data.detection_noise
+    jitter on top; the other rows keep their jittered truth."""
+    boxes = found.repeat_interleave(copies, 0)
+    use = (torch.rand(len(boxes), generator=generator) < cfg.data.detection_mix) & has.repeat_interleave(copies)
+    noise = cfg.data.detection_noise
+    if noise is not None:
+        boxes = jitter_boxes(boxes, extent, noise.center_std, noise.scale_std, noise.max_sigma, generator)
+    return boxes, use
+
+
 def drop_channels(features: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Dropout2d drawn from the epoch's own generator, not the global RNG: a run with the cache off, or
     resumed inside an epoch, draws the same channels as one that was not."""
@@ -281,11 +332,40 @@ def noise_table(levels) -> list[tuple[float, float, float, float]]:
     return [(n.center_std, n.scale_std, n.max_sigma, n.weight) for n in levels]
 
 
-def validation_inputs(cfg: Config, targets: Targets) -> dict[str, torch.Tensor]:
-    """Fixed, seeded noisy validation boxes, so numbers compare across epochs and runs: name -> (N, J, 4),
-    J boxes per image. The run's own (`evaluation.box_noise`, name "", one per image: as earlier
-    versions) and `evaluation.boxes_per_level` per image for each `evaluation.levels` entry (seeded by
-    its name), so that a level's numbers rest on several hundred boxes, not one per image."""
+@dataclass
+class InputSet:
+    """Validation input boxes of a split's objects: (M, 4) normalised boxes ordered by their object
+    (`owner`), any number per object (none, for an object without a detection)."""
+    boxes: torch.Tensor
+    owner: torch.Tensor  # (M,) object index, non-decreasing
+    offsets: torch.Tensor  # (N + 1,) rows of object k: offsets[k]:offsets[k + 1]
+
+    @classmethod
+    def per_object(cls, boxes: torch.Tensor) -> InputSet:
+        """From (N, J, 4): J boxes of every object."""
+        n, j = boxes.shape[:2]
+        return cls(boxes.reshape(-1, 4), torch.arange(n).repeat_interleave(j), torch.arange(n + 1) * j)
+
+    @classmethod
+    def of_some(cls, boxes: torch.Tensor, owner: torch.Tensor, objects: int) -> InputSet:
+        """From one (M, 4) box per listed (increasing) object."""
+        counts = torch.bincount(owner, minlength=objects)
+        return cls(boxes, owner, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+
+    def rows(self, objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the given objects' boxes, and each row's position in `objects`."""
+        starts, counts = self.offsets[objects], self.offsets[objects + 1] - self.offsets[objects]
+        position = torch.arange(len(objects)).repeat_interleave(counts)
+        first = (counts.cumsum(0) - counts).repeat_interleave(counts)
+        return starts.repeat_interleave(counts) + torch.arange(int(counts.sum())) - first, position
+
+
+def validation_inputs(cfg: Config, targets: Targets) -> dict[str, InputSet]:
+    """Fixed, seeded noisy validation boxes, so numbers compare across epochs and runs. The run's own
+    (`evaluation.box_noise`, name "", one per object: as earlier versions),
+    `evaluation.boxes_per_level` per object for each `evaluation.levels` entry (seeded by its name),
+    so that a level's numbers rest on several hundred boxes, not one per image, and the matched
+    detector boxes ("detections", with data.val_detections)."""
     own = cfg.evaluation.own_noise(cfg.data)
     sets = {"": (own.center_std, own.scale_std, own.max_sigma, 1)}
     sets.update({name: (center, scale, BoxNoiseConfig().max_sigma, cfg.evaluation.boxes_per_level)
@@ -294,8 +374,15 @@ def validation_inputs(cfg: Config, targets: Targets) -> dict[str, torch.Tensor]:
     for name, (center, scale, sigma, count) in sets.items():
         seed = cfg.evaluation.noise_seed if not name else cfg.evaluation.noise_seed * 1000 + zlib.crc32(name.encode()) % 1000
         generator = torch.Generator().manual_seed(seed)
-        inputs[name] = jitter_draws(targets.boxes, targets.extent, center, scale, sigma, count, generator)
+        inputs[name] = InputSet.per_object(jitter_draws(targets.boxes, targets.extent, center, scale, sigma, count,
+                                                        generator))
+    if targets.has_detection is not None and targets.detections is not None:
+        owner = targets.has_detection.nonzero().flatten()
+        inputs[DETECTIONS] = InputSet.of_some(targets.detections[owner], owner, len(targets.boxes))
     return inputs
+
+
+DETECTIONS = "detections"  # the validation set of matched detector boxes
 
 
 def metric_name(key: str, level: str) -> str:
@@ -303,52 +390,60 @@ def metric_name(key: str, level: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, inputs: dict[str, torch.Tensor],
+def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, inputs: dict[str, InputSet],
              cfg: Config, precision: str) -> dict[str, float | None]:
     """The loss on every iteration of the run's own validation boxes (as in training), then, for each
     set of input boxes, what inference returns (early stop, gate) against the input: IoUs, share
-    made worse, and how well the predicted IoU ranks the boxes."""
+    made worse, and how well the predicted IoU ranks the boxes. Counts objects (boxes), not images."""
     model.eval()
     device = next(model.parameters()).device
     names = list(inputs)
-    every_set = torch.cat([inputs[name] for name in names], dim=1)  # (images, boxes per image, 4)
-    sizes = [inputs[name].shape[1] for name in names]
-    count = every_set.shape[1]
     found: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in names}  # before, after, predicted
     losses = {"loss": 0.0, "l1": 0.0, "giou": 0.0, "quality": 0.0}
     start, n = time.perf_counter(), 0
-    for indices, features in progress(loader, desc="Validating", unit="batch", leave=False):
-        if not len(indices):
+    for batch in progress(loader, desc="Validating", unit="batch", leave=False):
+        if not len(batch):
             continue
-        gt, extent = targets.boxes[indices].to(device), targets.extent[indices].to(device)
-        boxes = every_set[indices].flatten(0, 1).to(device)
+        objects = batch.objects
+        gt, extent = targets.boxes[objects].to(device), targets.extent[objects].to(device)
+        image_index = batch.image_index.to(device)
+        rows = [inputs[name].rows(objects) for name in names]
+        # every set's boxes of one object side by side, objects in batch order: J boxes per image in a
+        # row is what lets the head read each map once (and gives the same boxes as one set at a time)
+        position = torch.cat([p for _, p in rows])
+        order = torch.argsort(position, stable=True)
+        boxes = torch.cat([inputs[name].boxes[r] for name, (r, _) in zip(names, rows)])[order].to(device)
+        which = torch.cat([torch.full((len(r),), k) for k, (r, _) in enumerate(rows)])[order]
+        position = position[order].to(device)
         with autocast_context(device, precision):
-            maps = model.context_maps(features)  # once for both passes
-            trajectory = model(maps, inputs[""][indices, 0].to(device), extent, widened=True)
+            maps = model.context_maps(batch.features)  # once for both passes
+            own = inputs[""].boxes[objects].to(device)
+            trajectory = model(maps, own, extent, widened=True, image_index=None if batch.one_per_image else image_index)
             loss = training_loss(trajectory, gt, cfg)
-            per_image = torch.arange(len(indices), device=device).repeat_interleave(count)
-            result = model(maps, boxes, extent.repeat_interleave(count, 0), stop_threshold=cfg.refinement.stop_threshold,
-                           image_index=per_image, widened=True)
+            result = model(maps, boxes, extent[position], stop_threshold=cfg.refinement.stop_threshold,
+                           image_index=image_index[position], widened=True)
         chosen, predicted, _ = result.select(cfg.refinement.gate, cfg.refinement.keep_margin)
-        truth = gt.repeat_interleave(count, 0)
-        before, after = box_iou(boxes, truth).view(-1, count), box_iou(chosen, truth).view(-1, count)
-        columns = [before.split(sizes, dim=1), after.split(sizes, dim=1),
-                   predicted.view(-1, count).float().split(sizes, dim=1) if predicted is not None else None]
+        truth = gt[position]
+        before, after = box_iou(boxes, truth).cpu(), box_iou(chosen, truth).cpu()
+        predicted = predicted.float().cpu() if predicted is not None else None
         for k, name in enumerate(names):
-            for part, split in zip(found[name], columns):
-                if split is not None:
-                    part.append(split[k].flatten().cpu())
+            mine = which == k
+            found[name][0].append(before[mine])
+            found[name][1].append(after[mine])
+            if predicted is not None:
+                found[name][2].append(predicted[mine])
         for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
-            losses[name] += value.item() * len(indices)
-        n += len(indices)
+            losses[name] += value.item() * len(objects)
+        n += len(objects)
     if not n:
-        raise DataError("no validation sample is left (every one was excluded); see skipped.jsonl")
+        raise DataError("no validation object is left (every image was excluded); see skipped.jsonl")
     record: dict[str, float | None] = {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n,
                                        "val_giou_loss": losses["giou"] / n, "val_quality_error": losses["quality"] / n}
     for name, (before_parts, after_parts, predicted_parts) in found.items():
         summary = iou_summary(torch.cat(before_parts), torch.cat(after_parts),
                               torch.cat(predicted_parts) if predicted_parts else None)
         record.update({metric_name(key, name): value for key, value in summary.items()})
+    # the selection metric: the levels' mean, with the detector's own boxes as one more level
     levels = [cast(float, record[metric_name("iou_refined", name)]) for name in names if name]  # a mean: never None
     record["val_iou_refined_levels"] = sum(levels) / len(levels) if levels else record["val_iou_refined"]
     record["val_seconds"] = time.perf_counter() - start
@@ -543,8 +638,10 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
     train_split, val_split = prepare_splits(cfg, debug)
     samples = {split.split: sample_digest(split) for split in (train_split, val_split)}
     if resumed is not None and resumed["samples"] != samples:
-        raise CheckpointError(f"--resume {resume}: the images of the splits differ from the run's (--debug, data "
-                              "files or skipped images changed), so it cannot continue exactly; start a new run")
+        raise CheckpointError(f"--resume {resume}: the images, objects or detections of the splits differ from the "
+                              "run's (--debug, data files or skipped images changed; or it was trained before 0.4, "
+                              "which kept FungiTastic's CSV order where images now follow their file names), so it "
+                              "cannot continue exactly; start a new run")
     seed_everything(cfg.training.seed)
     model = build_model(cfg).to(device)  # before feature extraction, which must not shift its initialisation
     precision = amp_precision(device, cfg.training.use_amp)
@@ -556,7 +653,7 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
     for split in (train_split, val_split):
         if not split.usable:
             raise DataError(f"split '{split.split}' has no usable images left (see {skipped_path})")
-    train_targets, val_targets = Targets.of(train_split.samples), Targets.of(val_split.samples)
+    train_targets, val_targets = Targets.of(train_split), Targets.of(val_split)
     val_inputs = validation_inputs(cfg, val_targets)
 
     optimizer, scheduler, scaler = build_optimization(cfg, model, len(sources.train), precision)
@@ -565,7 +662,8 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
              len(sources.train))
 
     ckpt_dir, metrics_path = Path(cfg.output.checkpoint_dir), Path(cfg.output.save_dir) / "metrics.jsonl"
-    start_epoch, best_iou, best_epoch, history, partial = 0, -1.0, -1, [], None
+    start_epoch, best_iou, best_epoch, partial = 0, -1.0, -1, None
+    history: list[dict] = []
     if resumed is not None:
         start_epoch, best_iou, best_epoch, history, partial = restore(resumed, str(resume), model, optimizer,
                                                                       scheduler, scaler)
@@ -644,14 +742,20 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
 
 
 def sample_digest(split: SplitData) -> str:
-    """Names the exact list of images a split trains or validates on."""
-    return hashlib.sha256("\n".join(s.file_name for s in split.samples).encode()).hexdigest()[:16]
+    """Names the exact images, objects and matched detections a split trains or validates on (for one
+    object per image and no detections, the list of image names, as versions before 0.4 did)."""
+    lines = [s.file_name for s in split.images]
+    if len(split.objects) != len(split.images) or split.detections:
+        lines += [f"{o.image} {o.box}" for o in split.objects]
+        lines += [f"{k} {box}" for k, box in sorted(split.detections.items())]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def write_skipped(path: Path, *splits: SplitData) -> None:
-    """<save_dir>/skipped.jsonl: one line per skipped image (file name, split, reason)."""
-    records = [{"file_name": name, "split": split.split, "reason": reason}
-               for split in splits for name, reason in split.skipped_files]
+    """<save_dir>/skipped.jsonl: one line per image, object or detection left out (file name, split,
+    reason, and the annotation, line or row where there is one)."""
+    records = [{"file_name": r["file_name"], "split": split.split, **{k: v for k, v in r.items() if k != "file_name"}}
+               for split in splits for r in split.skipped_files]
     write_jsonl(path, records)
     if records:
-        log.info("%d skipped images listed in %s", len(records), path)
+        log.info("%d skipped images, objects or detections listed in %s", len(records), path)

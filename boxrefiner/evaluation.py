@@ -11,29 +11,37 @@ Input boxes are one of
   numbers),
 - a detector's boxes (`--detections`), refined here exactly as refine_boxes.py does, or
 - refine_boxes.py's output (`--refined`), scored as written: `bbox_input` versus `bbox`.
-A split image holds one object, so every box of an image is scored against that image's truth.
+Every box is scored against the object of its image it overlaps most (several boxes may point at one
+object); a detection that overlaps none is a false positive, counted apart and in the COCO box AP
+that detections also get (pycocotools), before and after refinement. The main set is also reported
+per category.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .boxes import box_iou, iou_summary
-from .config import replace
-from .console import run_command, setup_logging
-from .data import SplitData, ground_truth_mask, load_split, read_masks, split_paths
+from .config import DataConfig, replace
+from .console import non_negative_float, run_command, setup_logging
+from .data import DataError, SplitData, load_split
 from .detections import BOX_FORMATS, DetectionsError, parse_detections, read_detections, to_xyxy
 from .engine import Targets, validation_inputs
 from .fileio import write_json
+from .masks import GroundTruthMasks
+from .matching import best_overlap
+from .metrics_ap import box_ap
 from .progress import progress
-from .refine_cli import add_refiner_arguments, load_refiner, refine_rows
+from .refine_cli import add_refiner_arguments, load_refiner, refine_rows, split_resolver
 from .refiner import BoxRefiner, ImageFeatures
 from .sam import mask_iou
 
@@ -42,46 +50,64 @@ log = logging.getLogger("boxrefiner")
 
 @dataclass
 class Case:
-    """One box to score: the split image it belongs to, the input box and (if given) the refined one,
-    in a set of boxes scored together (`group`: "" for the main set, else a noise level's name)."""
-    sample: int
+    """One box to score: the split image it lies on, the object it is scored against (-1: it points at
+    none, a false positive that only the AP counts), the input box and (if given) the refined one, in a
+    set of boxes scored together (`group`: "" for the main set, else a noise level's name)."""
+    image: int
+    object: int
     box: np.ndarray  # xyxy pixels
     refined: np.ndarray | None = None
     iou_pred: float | None = None  # the refiner's predicted IoU of `refined`, where known
     group: str = ""
+    score: float = 1.0  # the detector's confidence (COCO AP)
+    category_id: int | None = None  # the detector's class, where it gives one
 
 
 def jittered_cases(refiner: BoxRefiner, split: SplitData) -> list[Case]:
     """The trainer's validation inputs: ground truth with the run's own noise and seed (group ""), and
     each of `evaluation.levels` (grouped by level name)."""
-    targets = Targets.of(split.samples)
-    longest = torch.tensor([max(s.width, s.height) for s in split.samples], dtype=torch.float64)
-    return [Case(i, box.numpy(), group=name) for name, inputs in validation_inputs(refiner.cfg, targets).items()
-            for i, boxes in enumerate(inputs.double() * longest[:, None, None]) for box in boxes]
+    targets, longest = Targets.of(split), split.longest_sides()
+    cases = []
+    for name, inputs in validation_inputs(refiner.cfg, targets).items():
+        boxes = inputs.boxes.double() * longest[inputs.owner, None]
+        cases += [Case(split.objects[k].image, k, box.numpy(), group=name) for k, box in zip(inputs.owner.tolist(), boxes)]
+    return cases
 
 
-def cases_from_rows(rows: list, split: SplitData, box_format: str) -> tuple[list[Case], Counter]:
-    """Cases from refine_boxes.py's output rows; and what was left out, by reason."""
-    index = {s.file_name: i for i, s in enumerate(split.samples)}
+def cases_from_rows(rows: list, split: SplitData, box_format: str, refined: bool,
+                    match_iou: float = 0.0) -> tuple[list[Case], Counter]:
+    """Cases from detection rows (`refined`: refine_boxes.py's output, `bbox_input` -> `bbox`), each
+    scored against the object of its image it overlaps most (at least `match_iou`); and what was left
+    out, by reason."""
+    objects_of = split.objects_by_image()
     detections, problems = parse_detections(rows, box_format)
     skipped = Counter("malformed_row" for _ in problems)
     cases = []
     for detection in detections:
-        if detection.file_name not in index:
+        image = split.image_named(detection.file_name)
+        if image is None:
             skipped["not_in_split"] += 1
             continue
         row = rows[detection.row]
-        if "refine_error" in row or "bbox_input" not in row:
-            skipped["not_refined"] += 1  # refine_boxes.py could not refine it
-            continue
-        try:
-            before = to_xyxy(row["bbox_input"], box_format)
-        except ValueError:
-            skipped["malformed_row"] += 1
-            continue
-        predicted = row.get("iou_pred")
-        cases.append(Case(index[detection.file_name], np.array(before), np.array(detection.box),
-                          float(predicted) if isinstance(predicted, (int, float)) else None))
+        before, after, predicted = detection.box, None, None
+        if refined:
+            if "refine_error" in row or "bbox_input" not in row:
+                skipped["not_refined"] += 1  # refine_boxes.py could not refine it
+                continue
+            try:
+                before, after = to_xyxy(row["bbox_input"], box_format), detection.box
+            except ValueError:
+                skipped["malformed_row"] += 1
+                continue
+            predicted = row.get("iou_pred")
+        mine = objects_of.get(image, [])
+        best, iou = best_overlap(np.array([before]), np.array([split.objects[k].box for k in mine]))
+        target = mine[int(best[0])] if best[0] >= 0 and iou[0] >= match_iou else -1
+        score, category = row.get("score", 1.0), row.get("category_id")
+        cases.append(Case(image, target, np.array(before), None if after is None else np.array(after),
+                          float(predicted) if isinstance(predicted, (int, float)) else None,
+                          score=float(score) if isinstance(score, (int, float)) else 1.0,
+                          category_id=category if isinstance(category, int) else None))
     return cases, skipped
 
 
@@ -103,60 +129,94 @@ class Scores:
         return iou_summary(torch.cat(before), torch.cat(after), predicted)
 
 
-def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], masks_file: Path | None = None) -> dict:
-    """Score every case, by group; with `masks_file` (the split's masks parquet) also HQ-SAM's masks
-    from both boxes of the main group."""
-    by_sample: dict[int, list[Case]] = {}
+def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], with_masks: bool = False,
+                   ap: bool = False) -> dict:
+    """Score every case against its object, by group and (main group) by category; with `with_masks`
+    also HQ-SAM's masks from both boxes of the main group; with `ap`, COCO box AP of the input and the
+    refined boxes (false positives included) on the images the cases lie on."""
+    by_image: dict[int, list[Case]] = {}
     for case in cases:
-        by_sample.setdefault(case.sample, []).append(case)
-    order = list(by_sample)
-    samples = [split.samples[i] for i in order]
-    mask_rows = read_masks(masks_file, {s.file_name for s in samples}) if masks_file else {}
+        by_image.setdefault(case.image, []).append(case)
+    order = list(by_image)
+    images = [split.images[i] for i in order]
+    truth_masks = GroundTruthMasks(split, [c.object for c in cases if c.object >= 0 and c.group == ""]) \
+        if with_masks else None
     groups: dict[str, Scores] = {name: Scores() for name in dict.fromkeys(c.group for c in cases)}
+    categories: dict[int, Scores] = {}
     skipped: Counter = Counter()
-    images = 0
-    if masks_file is not None or any(c.refined is None for c in cases):
-        items = refiner.image_features([s.image_path for s in samples], for_masks=masks_file is not None)
+    done = 0
+    if with_masks or any(c.refined is None for c in cases):
+        items = refiner.image_features([i.image_path for i in images], for_masks=with_masks)
     else:  # refined boxes given and no masks wanted: nothing to read
-        items = (ImageFeatures(i, s.image_path) for i, s in enumerate(samples))
+        items = (ImageFeatures(k, i.image_path) for k, i in enumerate(images))
     with progress(total=len(order), desc="Evaluating", unit="img") as bar:
         for item in items:
             bar.update(1)
-            sample, mine = samples[item.index], by_sample[order[item.index]]
+            mine = by_image[order[item.index]]
             if item.error:
                 skipped[item.error] += sum(c.group == "" for c in mine) or len(mine)
+                for case in mine:
+                    case.object = -2  # not scored, not in the AP either
                 continue
-            images += 1
+            done += 1
             inputs = np.stack([c.box for c in mine])
             if mine[0].refined is None:
                 result = refiner.refine_features(item.embedding, item.width, item.height, inputs)
-                refined, predicted = result.boxes, result.iou_pred
-            else:
-                refined = np.stack([c.refined for c in mine])
-                known = [c.iou_pred for c in mine]
-                predicted = np.array(known, dtype=np.float64) if all(p is not None for p in known) else None
-            truth = torch.tensor([sample.box] * len(mine), dtype=torch.float64)
-            before, after = box_iou(torch.from_numpy(inputs), truth), box_iou(torch.from_numpy(refined), truth)
+                for case, box, iou in zip(mine, result.boxes, result.iou_pred if result.iou_pred is not None
+                                          else [None] * len(mine)):
+                    case.refined, case.iou_pred = box, None if iou is None else float(iou)
+            scored = [c for c in mine if c.object >= 0]
+            if not scored:
+                continue
+            truth = torch.tensor([split.objects[c.object].box for c in scored], dtype=torch.float64)
+            before = box_iou(torch.from_numpy(np.stack([c.box for c in scored])), truth)
+            after = box_iou(torch.from_numpy(np.stack([np.asarray(c.refined) for c in scored])), truth)
+            known = [c.iou_pred for c in scored]
+            predicted = torch.tensor(known, dtype=torch.float64) if all(p is not None for p in known) else None
             for name, scores in groups.items():
-                rows = torch.tensor([c.group == name for c in mine])
+                rows = torch.tensor([c.group == name for c in scored])
                 if rows.any():
                     scores.box_before.append(before[rows])
                     scores.box_after.append(after[rows])
                     if predicted is not None:
-                        scores.predicted.append(torch.from_numpy(np.asarray(predicted))[rows])
-            if masks_file is not None:
-                main = np.array([c.group == "" for c in mine])
-                gt = ground_truth_mask(mask_rows[sample.file_name], item.width, item.height)
-                for boxes, out in ((inputs[main], groups[""].mask_before), (refined[main], groups[""].mask_after)):
-                    masks, _ = refiner.prompter.masks(*item.sam_features, item.width, item.height, boxes)
-                    out.append(torch.tensor([mask_iou(m, gt) for m in masks], dtype=torch.float64))
+                        scores.predicted.append(predicted[rows])
+            for k, case in enumerate(scored):
+                if case.group == "":
+                    per = categories.setdefault(split.objects[case.object].category_id, Scores())
+                    per.box_before.append(before[k:k + 1])
+                    per.box_after.append(after[k:k + 1])
+            if truth_masks is not None:
+                drawn_masks = truth_masks([c.object for c in scored if c.group == ""])
+                drawn = [c for c in scored if c.group == "" and c.object in drawn_masks]
+                for boxes, out in (([c.box for c in drawn], groups[""].mask_before),
+                                   ([np.asarray(c.refined) for c in drawn], groups[""].mask_after)):
+                    if drawn:
+                        masks, _ = refiner.prompter.masks(*item.sam_features, item.width, item.height, np.stack(boxes))
+                        out.append(torch.tensor([mask_iou(m, drawn_masks[c.object]) for m, c in zip(masks, drawn)],
+                                                dtype=torch.float64))
     main = groups.get("", Scores())
+    unmatched = sum(c.object == -1 for c in cases)
+    if unmatched:
+        skipped["unmatched_detection"] += unmatched
     if not main.box_before:
         raise DetectionsError(f"nothing to evaluate on split '{split.split}' (left out: {dict(skipped) or 'none'})")
-    return {"split": split.split, "images": images, "boxes": int(sum(len(t) for t in main.box_before)),
-            "box": main.summary("box"), "mask": main.summary("mask"),
-            "levels": {name: scores.summary("box") for name, scores in groups.items() if name},
-            "skipped": dict(skipped)}
+    report = {"split": split.split, "images": done, "boxes": int(sum(len(t) for t in main.box_before)),
+              "box": main.summary("box"), "mask": main.summary("mask"),
+              "mask_boxes": int(sum(len(t) for t in main.mask_before)),  # those whose object has a mask
+              "levels": {name: scores.summary("box") for name, scores in groups.items() if name},
+              "categories": {split.category_name(c): {"boxes": int(sum(len(t) for t in s.box_before)),
+                                                      **_means(s)} for c, s in sorted(categories.items())},
+              "skipped": dict(skipped)}
+    if ap:
+        unread = {c.image for c in cases if c.object == -2}
+        report["ap"] = box_ap(split, [c for c in cases if c.object >= -1 and c.group == ""],
+                              [i for i in range(len(split.images)) if i not in unread])
+    return report
+
+
+def _means(scores: Scores) -> dict:
+    summary = scores.summary("box") or {}
+    return {"iou_input": summary.get("iou_input"), "iou_refined": summary.get("iou_refined")}
 
 
 def _percent(value: float | None) -> str:
@@ -169,9 +229,11 @@ def _number(value: float | None) -> str:
 
 def format_report(report: dict) -> str:
     """Small tables: what the input boxes gave, and what the refined ones give (main set, then levels)."""
-    lines = [f"{report['boxes']} boxes on {report['images']} images of split '{report['split']}' "
-             f"(inputs: {report['inputs']}; mask decoder: {report['mask_decoder']}; gate: {report['gate']})", "",
+    lines = [(f"{report['boxes']} boxes on {report['images']} images of split '{report['split']}' "
+              f"(inputs: {report['inputs']}; mask decoder: {report['mask_decoder']}; gate: {report['gate']})"), "",
              "| measure | input boxes | refined boxes |", "|---|---|---|"]
+    if report["mask"] is not None and report.get("mask_boxes", report["boxes"]) < report["boxes"]:
+        lines.insert(1, f"mask IoU on the {report['mask_boxes']} boxes whose object has an annotated mask")
     for part in ("box", "mask"):
         s = report[part]
         if s is None:
@@ -190,6 +252,18 @@ def format_report(report: dict) -> str:
                          f"{s['iou_refined'] - s['iou_input']:+.3f} | {_percent(s['worse_rate_tol'])} | "
                          f"{_percent(s['iou90_input'])} -> {_percent(s['iou90_refined'])} | "
                          f"{_number(s['iou_pred_spearman'])} |")
+    if report.get("categories") and len(report["categories"]) > 1:
+        lines += ["", "| category | boxes | input IoU | refined IoU | gain |", "|---|---|---|---|---|"]
+        for name, c in report["categories"].items():
+            lines.append(f"| {name} | {c['boxes']} | {c['iou_input']:.3f} | {c['iou_refined']:.3f} | "
+                         f"{c['iou_refined'] - c['iou_input']:+.3f} |")
+    if report.get("ap"):
+        ap = report["ap"]
+        lines += ["", (f"COCO box AP (pycocotools, {'per category' if ap['class_aware'] else 'class-agnostic'}, "
+                       f"{ap['detections']} detections on {ap['images']} images, false positives included):"),
+                  "| measure | input boxes | refined boxes |", "|---|---|---|"]
+        lines += [f"| {key} | {_number(ap['input'][key])} | {_number(ap['refined'][key])} |"
+                  for key in ("AP", "AP50", "AP75")]
     if report["skipped"]:
         lines += ["", "left out: " + ", ".join(f"{n} {r}" for r, n in sorted(report["skipped"].items()))]
     return "\n".join(lines)
@@ -199,7 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Measure a trained box refiner on a labelled split.")
     add_refiner_arguments(parser)
     parser.add_argument("--split", default=None, help="split to measure (default: the run's data.val_split)")
-    parser.add_argument("--data-root", help="FungiTastic root (default: the run's data.data_root)")
+    parser.add_argument("--data-root", help="FungiTastic root (default: the run's data.data_root; data.format "
+                                            "fungitastic only)")
+    parser.add_argument("--images", help="data.format coco: the split's image folder (default: the run's)")
+    parser.add_argument("--annotations", help="data.format coco: the split's instances JSON (default: the run's)")
+    parser.add_argument("--yolo-data", help="data.format yolo: a data.yaml to read the split from (default: the run's)")
+    parser.add_argument("--match-iou", type=non_negative_float, default=0.0,
+                        help="score a detection only if it overlaps an object by at least this IoU (default 0: any "
+                             "overlap); a detection is scored against the object it overlaps most")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--detections", help="detector boxes to refine and score (JSON list, file_name + bbox)")
     source.add_argument("--refined", help="refine_boxes.py output to score as is (bbox_input vs bbox)")
@@ -209,6 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "real HQ-SAM checkpoint that can be found, off with random weights)")
     parser.add_argument("--output", help="also write the report as JSON here")
     return parser
+
+
+def _other_dataset(data: DataConfig, split: str, args: argparse.Namespace) -> DataConfig:
+    """The run's data config with the split read from the files given on the command line."""
+    changes: dict[str, Any] = {}
+    for flag, key, layout in (("images", f"{split}_images", "coco"), ("annotations", f"{split}_annotations", "coco"),
+                              ("yolo_data", "yolo_data", "yolo")):
+        if getattr(args, flag):
+            if data.format != layout:
+                raise DataError(f"--{flag.replace('_', '-')} is for data.format {layout}; this run reads data.format "
+                                f"{data.format}")
+            changes[key] = getattr(args, flag)
+    return dataclasses.replace(data, **changes) if changes else data
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -229,16 +323,19 @@ def run(argv: list[str] | None = None) -> int:
         refiner.enable_masks()
     data = refiner.cfg.data  # another root has its own masks files, not the run's data.masks_file
     if args.data_root:
+        if data.format != "fungitastic":
+            raise DataError(f"--data-root is for data.format fungitastic; this run reads data.format {data.format}")
         data = replace(refiner.cfg, "data", data_root=args.data_root, masks_file=None).data
     split_name = args.split or data.val_split
+    data = _other_dataset(data, split_name, args)
     split = load_split(data, split_name)
-    log.info("split '%s': %d labelled images%s", split_name, len(split.samples),
+    log.info("split '%s': %d labelled objects on %d images%s", split_name, len(split.objects), len(split.images),
              "".join(f", {n} {r}" for r, n in sorted(split.skipped.items())))
     if args.detections or args.refined:
         rows = read_detections(args.detections or args.refined)
         if args.detections:
-            rows = refine_rows(refiner, rows, split_paths(data, split_name)[1], args.box_format).rows
-        cases, skipped = cases_from_rows(rows, split, args.box_format)
+            rows = refine_rows(refiner, rows, split_resolver(split), args.box_format).rows
+        cases, skipped = cases_from_rows(rows, split, args.box_format, refined=True, match_iou=args.match_iou)
         source = f"{'refine_boxes.py output' if args.refined else 'detections'} {args.detections or args.refined}"
     else:
         cases, skipped = jittered_cases(refiner, split), Counter()
@@ -246,7 +343,7 @@ def run(argv: list[str] | None = None) -> int:
         source = (f"ground truth jittered (center_std {noise.center_std}, scale_std {noise.scale_std}, "
                   f"seed {refiner.cfg.evaluation.noise_seed}; and the levels "
                   f"{', '.join(refiner.cfg.evaluation.levels) or 'none'})")
-    report = evaluate_cases(refiner, split, cases, split_paths(data, split_name)[2] if mask_iou else None)
+    report = evaluate_cases(refiner, split, cases, with_masks=mask_iou, ap=bool(args.detections or args.refined))
     report["skipped"] = dict(Counter(report["skipped"]) + skipped)
     report.update(inputs=source, checkpoint=str(args.checkpoint), gate=(
                   f"on (keep_margin {refiner.keep_margin:g})" if refiner.gate else "off"),

@@ -5,27 +5,30 @@ then read only cached values: from one in-memory tensor when the split fits the 
 else streamed from the `.npy` files by DataLoader workers. With the cache off, the encoder runs on
 every batch: the original behaviour, kept as the baseline that the speed-ups are measured against.
 
-A sample whose image stops decoding, or whose features are not finite even when extracted again, is
-excluded (listed in skipped.jsonl) but keeps its index: batches are cut from the same permutation
-whether that was found at warm-up or in the middle of a run, so resuming stays exact.
+Entries are per image, batches per object: a batch holds the maps of the images its objects lie on,
+each once, and every object says which one it looks at (`FeatureBatch.image_index`).
+
+An image that stops decoding, or whose features are not finite even when extracted again, is
+excluded with its objects (listed in skipped.jsonl), but they keep their indices: batches are cut
+from the same permutation whether that was found at warm-up or in the middle of a run, so resuming
+stays exact.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from .cache import FeatureCache, file_digest
 from .config import Config
-from .data import DECODE_ERRORS, Sample, SplitData, load_rgb, readable
+from .data import DECODE_ERRORS, ImageRecord, SplitData, load_rgb, readable
 from .encoder import EncoderIdentity, ImageEncoder, build_encoder, encoder_identity, preprocess
 from .progress import progress
 from .signals import StopRequest, ignore_stop_signals, reap_workers_at_exit, stop_signals_blocked
@@ -58,30 +61,94 @@ def collate_images(batch: list[tuple[int, torch.Tensor]]):
     return torch.tensor([i for i, _ in good], dtype=torch.long), images, bad
 
 
-class CachedFeatureDataset(Dataset):
-    """Stored embeddings in their storage dtype; an unreadable entry comes back empty (healed by the loader)."""
+def unique_in_order(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values in order of first appearance, and each value's position among them."""
+    distinct, inverse = torch.unique(values, return_inverse=True)
+    first = torch.full((len(distinct),), len(values), dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(len(values)), "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    return distinct[order], rank[inverse]
 
-    def __init__(self, cache: FeatureCache, keys: Sequence[str]):
-        self.cache = cache
-        self.keys = keys
+
+def batch_images(object_image: torch.Tensor, objects: list[int] | torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's objects as a tensor, the images they lie on (each once, in order of first appearance)
+    and each object's position among those images."""
+    picked = torch.as_tensor(objects, dtype=torch.long)
+    images, inverse = unique_in_order(object_image[picked])
+    return picked, images, inverse
+
+
+@dataclass
+class FeatureBatch:
+    """A batch of objects and their images' embeddings, each image's map once however many objects
+    it holds: object k looks at `features[image_index[k]]`."""
+    objects: torch.Tensor  # (B,) object indices into the split
+    features: torch.Tensor  # (U, C, H, W) on the training device
+    image_index: torch.Tensor  # (B,) row of `features` of each object
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.objects)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        stored = self.cache.load(self.keys[index], count=False)
-        return index, torch.empty(0) if stored is None else torch.from_numpy(stored)
+    @property
+    def one_per_image(self) -> bool:
+        """Whether object k looks at features[k] (then the head needs no index)."""
+        return len(self.features) == len(self.objects)
+
+
+def _keep(objects: torch.Tensor, inverse: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The objects where `keep` is set, their new image positions, and which of the batch's images
+    (positions into its per-image tensors) they still look at."""
+    used, inverse = unique_in_order(inverse[keep])
+    return objects[keep], inverse, used
+
+
+class CachedBatchDataset(Dataset):
+    """One batch of objects per item: their images' stored embeddings in the storage dtype, each entry
+    read once; an unreadable entry comes back as zeros, flagged (healed by the loader)."""
+
+    def __init__(self, cache: FeatureCache, keys: Sequence[str], object_image: torch.Tensor):
+        self.cache = cache
+        self.keys = keys
+        self.object_image = object_image
+        self.dtype = torch_dtype(cache.dtype)
+
+    def __len__(self) -> int:
+        return len(self.object_image)
+
+    def __getitem__(self, objects: list[int]):  # type: ignore[override]
+        picked, images, inverse = batch_images(self.object_image, objects)
+        stored = [self.cache.load(self.keys[i], count=False) for i in images.tolist()]
+        bad = torch.tensor([entry is None for entry in stored], dtype=torch.bool)
+        features = torch.stack([torch.zeros(self.cache.shape, dtype=self.dtype) if entry is None
+                                else torch.from_numpy(entry) for entry in stored])
+        return picked, images, inverse, features, bad
+
+
+class ImageBatchDataset(Dataset):
+    """One batch of objects per item: their images decoded and preprocessed (each once), and the
+    images that do not decode."""
+
+    def __init__(self, paths: Sequence[Path], input_size: int, object_image: torch.Tensor):
+        self.images = ImageDataset(paths, input_size)
+        self.object_image = object_image
+
+    def __len__(self) -> int:
+        return len(self.object_image)
+
+    def __getitem__(self, objects: list[int]):  # type: ignore[override]
+        picked, images, inverse = batch_images(self.object_image, objects)
+        decoded = [self.images[i][1] for i in images.tolist()]
+        bad = torch.tensor([not t.numel() for t in decoded], dtype=torch.bool)
+        good = [t for t in decoded if t.numel()]
+        pixels = torch.stack(good) if good else torch.empty(0)
+        return picked, images, inverse, pixels, bad
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype)).dtype
-
-
-def _collate_entries(batch: list[tuple[int, torch.Tensor]], shape: tuple, dtype: torch.dtype):
-    indices = torch.tensor([i for i, _ in batch])
-    bad = torch.tensor([t.numel() == 0 for _, t in batch])
-    features = torch.stack([torch.zeros(shape, dtype=dtype) if t.numel() == 0 else t for _, t in batch])
-    return indices, features, bad
 
 
 class EpochShuffle(Sampler):
@@ -94,7 +161,7 @@ class EpochShuffle(Sampler):
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Also skip the first `skip` samples of this epoch's order (continuing an interrupted epoch)."""
+        """Also skip the first `skip` objects of this epoch's order (continuing an interrupted epoch)."""
         self.epoch = epoch
         self.skip = skip
 
@@ -116,7 +183,7 @@ class _StopSafeLoader(DataLoader):
             return super()._get_iterator()
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
+def make_loader(dataset: Dataset, batch_size: int | None, num_workers: int, device: torch.device,
                 sampler: Sampler | None = None, collate_fn=None, persistent: bool = True) -> DataLoader:
     # A private generator: creating an iterator must not draw from the global RNG, or a run that had
     # to extract features would initialise and train differently from one that found them cached.
@@ -130,22 +197,22 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
 
 @dataclass
 class Extraction:
-    """What `extract` did: the stored arrays (with `keep`) and the samples it could not store, with why."""
+    """What `extract` did: the stored arrays (with `keep`) and the images it could not store, with why."""
     stored: dict[int, np.ndarray] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)  # index -> unreadable_image | nonfinite_features
 
 
-def entry_record(sample: Sample) -> dict:
-    return {"file": sample.file_name, "width": sample.width, "height": sample.height}
+def entry_record(image: ImageRecord) -> dict:
+    return {"file": image.file_name, "width": image.width, "height": image.height}
 
 
-def extract(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str], indices: Sequence[int],
+def extract(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str], indices: Sequence[int],
             encoder: ImageEncoder, batch_size: int, num_workers: int, bar_desc: str | None = None,
             keep: bool = False, stop: StopRequest | None = None) -> Extraction:
-    """Encode the given samples and store them. Features that are not finite are encoded once more,
+    """Encode the given images and store them. Features that are not finite are encoded once more,
     alone; if they still are not, nothing is stored and the sample fails. With `stop`, a requested
     stop ends the work after the batch in hand (every entry written is complete and listed)."""
-    subset = [samples[i] for i in indices]
+    subset = [records[i] for i in indices]
     loader = make_loader(ImageDataset([s.image_path for s in subset], cache.identity.input_size), batch_size,
                          num_workers, encoder.device, collate_fn=collate_images, persistent=False)
     result = Extraction()
@@ -156,13 +223,13 @@ def extract(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
                 features = encoder.encode(images).cpu().numpy()
                 for row, (position, feature) in enumerate(zip(positions.tolist(), features)):
                     index = indices[position]
-                    stored = cache.save(keys[index], feature, entry_record(samples[index]))
+                    stored = cache.save(keys[index], feature, entry_record(records[index]))
                     if stored is None:
                         again = encoder.encode(images[row:row + 1]).cpu().numpy()[0]
-                        stored = cache.save(keys[index], again, entry_record(samples[index]))
+                        stored = cache.save(keys[index], again, entry_record(records[index]))
                     if stored is None:
                         log.warning("%s: its features are not finite (NaN or inf), also when encoded again; "
-                                    "leaving the image out", samples[index].image_path)
+                                    "leaving the image out", records[index].image_path)
                         result.failed[index] = "nonfinite_features"
                     elif keep:
                         result.stored[index] = stored
@@ -172,10 +239,10 @@ def extract(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
     return result
 
 
-def warm_up(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
+def warm_up(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str],
             get_encoder: Callable[[], ImageEncoder], batch_size: int, num_workers: int,
             stop: StopRequest | None = None) -> tuple[int, int, dict[int, str]]:
-    """Extract every entry the manifest does not list; returns (found, extracted, failed samples).
+    """Extract every entry the manifest does not list; returns (found, extracted, failed images).
 
     Listed entries are trusted here and verified when read; an entry on disk that no manifest lists
     (written by a version before journals) is listed now instead of extracted again."""
@@ -185,7 +252,7 @@ def warm_up(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
         if key in listed or key in queued:
             continue
         if cache.find(key) is not None:
-            unlisted[key] = entry_record(samples[i])
+            unlisted[key] = entry_record(records[i])
         else:
             missing.append(i)
             queued.add(key)
@@ -203,7 +270,7 @@ def warm_up(cache: FeatureCache, samples: Sequence[Sample], keys: Sequence[str],
     try:
         if missing:
             cache.remove_stale_temps()
-            failed = extract(cache, samples, keys, missing, get_encoder(), batch_size, num_workers,
+            failed = extract(cache, records, keys, missing, get_encoder(), batch_size, num_workers,
                              bar_desc=f"Extracting {cache.dir.name}", stop=stop).failed
     finally:
         cache.manifest.close()
@@ -224,32 +291,43 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def object_batches(size: int, batch_size: int, sampler: Sampler | None) -> BatchSampler:
+    """Batches of object indices: the sampler's order (the split's order without one), cut in turn."""
+    return BatchSampler(sampler if sampler is not None else SequentialSampler(range(size)), batch_size, drop_last=False)
+
+
 class FeatureBatches:
-    """Common interface: iterate (sample indices, embeddings on the device); count where they came from."""
+    """Common interface: iterate FeatureBatch (objects, their images' embeddings on the device); count
+    where the features came from."""
 
     from_cache = True
 
     def __init__(self, split: SplitData, batch_size: int, sampler: Sampler | None):
         self.split = split
         self.batch_size = batch_size
-        self.size = len(split.samples)
+        self.size = len(split.objects)
         self.sampler = sampler
-        self.cache_reads = 0  # features served from the cache, cumulative
-        self.encoded = 0  # features the encoder computed while training (cache off, or a broken entry)
+        self.object_image = split.object_image
+        self.cache_reads = 0  # objects whose features were served from the cache, cumulative
+        self.maps_read = 0  # image entries read from disk while training, cumulative
+        self.encoded = 0  # objects whose features the encoder computed while training (cache off, or a broken entry)
         self.healed = 0  # entries found bad while reading and extracted again, cumulative
 
     def __len__(self) -> int:
         return (self.size + self.batch_size - 1) // self.batch_size
 
-    def _usable(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows of a batch whose sample is not excluded."""
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        raise NotImplementedError
+
+    def _usable(self, objects: torch.Tensor) -> torch.Tensor:
+        """Rows of a batch whose image is not excluded."""
         if not self.split.excluded:
-            return torch.ones(len(indices), dtype=torch.bool)
-        return torch.tensor([int(i) not in self.split.excluded for i in indices], dtype=torch.bool)
+            return torch.ones(len(objects), dtype=torch.bool)
+        return torch.tensor([int(i) not in self.split.excluded for i in self.object_image[objects]], dtype=torch.bool)
 
 
 class InMemoryFeatures(FeatureBatches):
-    """The whole split in one tensor (float32 when it fits, else the storage dtype), indexed per batch."""
+    """The whole split's images in one tensor (float32 when it fits, else the storage dtype), indexed per batch."""
 
     def __init__(self, store: torch.Tensor, split: SplitData, batch_size: int, device: torch.device,
                  sampler: Sampler | None = None):
@@ -257,44 +335,51 @@ class InMemoryFeatures(FeatureBatches):
         self.store = store
         self.device = device
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(list(self.sampler) if self.sampler is not None else range(self.size))
-        for indices in order.split(self.batch_size):
-            indices = indices[self._usable(indices)]
-            batch = self.store.index_select(0, indices.to(self.store.device))
-            self.cache_reads += len(indices)
-            yield indices, batch.to(self.device, non_blocking=True)
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        for objects in object_batches(self.size, self.batch_size, self.sampler):
+            picked = torch.tensor(objects, dtype=torch.long)
+            picked, images, inverse = batch_images(self.object_image, picked[self._usable(picked)])
+            batch = self.store.index_select(0, images.to(self.store.device))
+            self.cache_reads += len(picked)
+            yield FeatureBatch(picked, batch.to(self.device, non_blocking=True), inverse)
 
 
 Healer = Callable[[list[int]], dict[int, np.ndarray]]
 
 
 class StreamedFeatures(FeatureBatches):
-    """Entries read from disk by DataLoader workers; an entry that turns out bad is re-extracted here."""
+    """Entries read from disk by DataLoader workers, a batch of objects per item; an entry that turns
+    out bad is re-extracted here."""
 
     def __init__(self, cache: FeatureCache, keys: Sequence[str], split: SplitData, heal: Healer, batch_size: int,
                  num_workers: int, device: torch.device, sampler: Sampler | None = None):
         super().__init__(split, batch_size, sampler)
-        collate = functools.partial(_collate_entries, shape=cache.shape, dtype=torch_dtype(cache.dtype))
-        self.loader = make_loader(CachedFeatureDataset(cache, keys), batch_size, num_workers, device, sampler, collate)
+        self.loader = make_loader(CachedBatchDataset(cache, keys, self.object_image), None, num_workers, device,
+                                  object_batches(self.size, batch_size, sampler))
         self.heal = heal
         self.device = device
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for indices, features, bad in self.loader:
-            usable = self._usable(indices)
-            broken = (bad & usable).nonzero().flatten().tolist()
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        for objects, images, inverse, features, bad in self.loader:
+            objects, inverse, used = _keep(objects, inverse, self._usable(objects))
+            images, features, bad = images[used], features[used], bad[used]
+            lost = torch.zeros(len(images), dtype=torch.bool)
+            broken = bad.nonzero().flatten().tolist()
             if broken:
-                fresh = self.heal([int(indices[p]) for p in broken])
+                fresh = self.heal([int(images[p]) for p in broken])
                 for p in broken:
-                    if int(indices[p]) in fresh:
-                        features[p] = torch.from_numpy(fresh[int(indices[p])])
+                    if int(images[p]) in fresh:
+                        features[p] = torch.from_numpy(fresh[int(images[p])])
                     else:
-                        usable[p] = False
+                        lost[p] = True
                 self.healed += len(broken)
-                self.encoded += len(broken)
-            self.cache_reads += int((usable & ~bad).sum())
-            yield indices[usable], features[usable].to(self.device, non_blocking=True)
+                self.encoded += int(bad[inverse].sum())
+            self.cache_reads += int((~bad[inverse]).sum())
+            self.maps_read += int((~bad).sum())
+            if bool(lost.any()):
+                objects, inverse, used = _keep(objects, inverse, ~lost[inverse])
+                features = features[used]
+            yield FeatureBatch(objects, features.to(self.device, non_blocking=True), inverse)
 
 
 class EncodedFeatures(FeatureBatches):
@@ -305,26 +390,31 @@ class EncodedFeatures(FeatureBatches):
     def __init__(self, split: SplitData, encoder: ImageEncoder, precision: str | None, batch_size: int,
                  num_workers: int, sampler: Sampler | None = None):
         super().__init__(split, batch_size, sampler)
-        self.loader = make_loader(ImageDataset([s.image_path for s in split.samples], encoder.identity.input_size),
-                                  batch_size, num_workers, encoder.device, sampler, collate_fn=collate_images)
+        dataset = ImageBatchDataset([s.image_path for s in split.images], encoder.identity.input_size, self.object_image)
+        self.loader = make_loader(dataset, None, num_workers, encoder.device, object_batches(self.size, batch_size, sampler))
         self.encoder = encoder
         self.precision = precision
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for indices, images, bad in self.loader:
-            for index in bad:  # images were checked before training; one that broke since cannot stop a run
-                self.split.exclude(index, "unreadable_image")
-            if not len(indices):
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        for objects, images, inverse, pixels, bad in self.loader:
+            for image in images[bad].tolist():  # images were checked before training; one that broke since cannot stop a run
+                self.split.exclude(image, "unreadable_image")
+            if not bool(self._usable(objects).any()):  # an empty batch: the schedule still counts its step
+                empty = objects[:0]
+                yield FeatureBatch(empty, torch.empty((0, *pixels.shape[1:])), empty)
                 continue
-            features = self.encoder.encode(images, self.precision)
+            features = self.encoder.encode(pixels, self.precision)  # the decodable images, in order
+            decoded = images[~bad]
             finite = torch.isfinite(features).flatten(1).all(dim=1).cpu()
-            for index in indices[~finite].tolist():
+            for image in decoded[~finite].tolist():
                 log.warning("%s: its features are not finite (NaN or inf); leaving the image out",
-                            self.split.samples[index].image_path)
-                self.split.exclude(index, "nonfinite_features")
-            keep = finite & self._usable(indices)
-            self.encoded += int(keep.sum())
-            yield indices[keep], features[keep.to(features.device)]
+                            self.split.images[image].image_path)
+                self.split.exclude(image, "nonfinite_features")
+            rows = torch.full((len(images),), -1, dtype=torch.long)
+            rows[(~bad).nonzero().flatten()] = torch.arange(len(decoded))
+            objects, inverse, used = _keep(objects, rows[inverse], self._usable(objects))
+            self.encoded += len(objects)
+            yield FeatureBatch(objects, features[used.to(features.device)], inverse)
 
 
 class FeatureSources:
@@ -342,7 +432,7 @@ class FeatureSources:
         self.found = 0  # entries present in the cache when the run started
         self.extracted = 0  # entries extracted before training
         batch_sizes = (cfg.training.batch_size, cfg.evaluation.batch_size or cfg.training.batch_size)
-        self.train_sampler = EpochShuffle(len(train.samples), cfg.training.seed)
+        self.train_sampler = EpochShuffle(len(train.objects), cfg.training.seed)
         self.train: FeatureBatches
         self.val: FeatureBatches
         if cfg.cache_enabled:
@@ -353,8 +443,8 @@ class FeatureSources:
                      "" if self._encoder else "; the HQ-SAM encoder was never built (every feature was cached)")
         else:
             for split in (train, val):  # decode every image once, so that a corrupt one cannot stop an epoch
-                for i, sample in enumerate(split.samples):
-                    if not readable(sample.image_path):
+                for i, image in enumerate(split.images):
+                    if not readable(image.image_path):
                         split.exclude(i, "unreadable_image")
             precision = amp if amp != "fp32" else None
             self.train, self.val = (EncodedFeatures(split, self.encoder, precision, b, cfg.data.num_workers, s)
@@ -374,7 +464,7 @@ class FeatureSources:
         return {"found": self.found, "extracted": self.extracted, "served": served, "encoded": encoded,
                 "hit_rate": served / (served + encoded) if served + encoded else None, "healed": healed,
                 "bytes_read": sum(c.stats.bytes_read for c in self.caches.values()) + entry * sum(
-                    b.cache_reads for b in streamed)}
+                    b.maps_read for b in streamed)}
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -397,12 +487,12 @@ class FeatureSources:
         cache_cfg = self.cfg.optimization.feature_cache
         cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
         self.caches[split.split] = cache
-        keys = [cache.key_for(file_digest(s.image_path)) for s in split.samples]
+        keys = [cache.key_for(file_digest(s.image_path)) for s in split.images]
         if cache_cfg.auto_detect:
             mine, other = cache.census()
             log.info("auto-detect %s: %d entries for %s, %d for other encoders", cache.dir, mine,
                      self.identity.short(), other)
-        found, extracted, failed = warm_up(cache, split.samples, keys, lambda: self.encoder, self.cfg.hqsam.batch_size,
+        found, extracted, failed = warm_up(cache, split.images, keys, lambda: self.encoder, self.cfg.hqsam.batch_size,
                                            self.cfg.data.num_workers, self.stop)
         self.found += found
         self.extracted += extracted
@@ -410,11 +500,11 @@ class FeatureSources:
             split.exclude(index, reason)
 
         def heal(indices: list[int]) -> dict[int, np.ndarray]:
-            result = extract(cache, split.samples, keys, indices, self.encoder, self.cfg.hqsam.batch_size, 0,
+            result = extract(cache, split.images, keys, indices, self.encoder, self.cfg.hqsam.batch_size, 0,
                              keep=True)
             for index, reason in sorted(result.failed.items()):
                 log.warning("%s: its cached features broke and cannot be extracted again (%s); leaving it out",
-                            split.samples[index].image_path, reason)
+                            split.images[index].image_path, reason)
                 split.exclude(index, reason)
             cache.manifest.close(compact=False)
             return result.stored

@@ -16,8 +16,9 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO
 
 HOST = socket.gethostname().replace(".", "_") or "host"
 STALE_TEMP_SECONDS = 24 * 3600
@@ -90,6 +91,21 @@ def json_safe(value: Any) -> Any:
 
 def json_line(value: Any) -> str:
     return json.dumps(json_safe(value), allow_nan=False)
+
+
+def read_json(path: Path, what: str, error: type[Exception], kind: type = list) -> Any:
+    """A JSON file's value, which must be a `kind`; else `error` with one line naming `what` and `path`
+    (and the line of a syntax error)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{what} '{path}' is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} '{path}' line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(value, kind):
+        shape = "a JSON list of objects" if kind is list else "a JSON object"
+        raise error(f"{what} '{path}' must hold {shape}, not a {type(value).__name__}")
+    return value
 
 
 def write_json(path: str | Path, value: Any, sort_keys: bool = False) -> None:

@@ -1,7 +1,7 @@
 """Command line of `refine_boxes.py`: detector boxes in, refined boxes (and HQ-SAM masks) out.
 
-    python refine_boxes.py --checkpoint checkpoints/best_model.pth --images DIR --detections in.json \\
-        --output out.json [--box-format xywh] [--masks masks/]
+    python refine_boxes.py --checkpoint checkpoints/best_model.pth (--images DIR | --split val) \\
+        --detections in.json --output out.json [--box-format xywh] [--masks masks/]
 
 The output is the input list, in order, every field kept: refined rows get the refined `bbox` (in
 the input's format), `bbox_input` (the original), `refine_steps` (iterations that moved the returned box;
@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .config import DataConfig
 from .console import non_negative_float, non_negative_int, positive_int, run_command, setup_logging
+from .data import ImageRecord, SplitData, read_layout
 from .detections import BOX_FORMATS, Detection, DetectionsError, from_xyxy, parse_detections, read_detections
 from .fileio import atomic_write, write_json
 from .progress import progress
@@ -45,9 +48,35 @@ class RefineReport:
     problems: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
 
 
-def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: str = "xyxy",
+ImagePaths = Callable[[str], Path]  # a detection's file_name -> its image file
+
+
+def folder_resolver(folder: Path) -> ImagePaths:
+    return lambda name: folder / name
+
+
+def split_resolver(split: SplitData) -> ImagePaths:
+    """A labelled split's images by file name, or by bare file name where unambiguous (any layout);
+    a name not in the split has no file."""
+    def resolve(name: str) -> Path:
+        image = split.image_named(name)
+        return split.images[image].image_path if image is not None else Path(split.split) / "not-in-split" / name
+    return resolve
+
+
+def layout_resolver(data: DataConfig, split: str) -> ImagePaths:
+    """Every image a split of the run's dataset lists, with objects or without (negatives count too),
+    read from its listing only: no annotation is decoded."""
+    listed = read_layout(data, split).images
+    log.info("split '%s' of the run's %s dataset: %d images", split, data.format, len(listed))
+    return split_resolver(SplitData(split, [ImageRecord(r.file_name, r.path, 0, 0) for r in listed]))
+
+
+def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path | ImagePaths, box_format: str = "xyxy",
                 masks: Path | None = None) -> RefineReport:
-    """Refine every valid detection, image by image; the rows of an image that cannot be used are reported."""
+    """Refine every valid detection, image by image (`images`: their folder, or file name -> path); the
+    rows of an image that cannot be used are reported."""
+    resolve = folder_resolver(images) if isinstance(images, Path) else images
     detections, problems = parse_detections(rows, box_format)
     by_image: dict[str, list[Detection]] = {}
     for detection in detections:
@@ -59,7 +88,7 @@ def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path, box_format: 
     report = RefineReport([{k: v for k, v in r.items() if k not in _OUTPUT_FIELDS} if isinstance(r, dict) else r
                            for r in rows], problems=problems)
     with progress(total=len(names), desc="Refining", unit="img") as bar:
-        for item in refiner.image_features([images / name for name in names], for_masks=masks is not None):
+        for item in refiner.image_features([resolve(name) for name in names], for_masks=masks is not None):
             bar.update(1)
             group = by_image[names[item.index]]
             if item.error:
@@ -125,7 +154,10 @@ def load_refiner(args: argparse.Namespace, **options: Any) -> BoxRefiner:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Refine detector boxes with a trained box refiner (and prompt HQ-SAM).")
     add_refiner_arguments(parser)
-    parser.add_argument("--images", required=True, type=Path, help="folder the detections' file_name values are in")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--images", type=Path, help="folder the detections' file_name values are in")
+    where.add_argument("--split", help="or a split of the run's dataset (any data.format): file_name as its "
+                                       "annotations name the images")
     parser.add_argument("--detections", required=True, help="JSON list of {file_name, bbox, [score], ...}")
     parser.add_argument("--output", required=True, help="JSON to write: the same list with refined bbox + bbox_input")
     parser.add_argument("--box-format", choices=BOX_FORMATS, default="xyxy", help="bbox layout, in and out")
@@ -140,10 +172,13 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     rows = read_detections(args.detections)
-    if not args.images.is_dir():
+    if args.images is not None and not args.images.is_dir():
         raise DetectionsError(f"--images '{args.images}' is not a folder")
     refiner = load_refiner(args, read_cache=not args.no_cache, store_features=args.store_features)
-    report = refine_rows(refiner, rows, args.images, args.box_format, args.masks)
+    images: Path | ImagePaths = args.images
+    if args.split is not None:
+        images = layout_resolver(refiner.cfg.data, args.split)
+    report = refine_rows(refiner, rows, images, args.box_format, args.masks)
     write_json(args.output, report.rows)
     reasons = Counter(reason.split(":")[0] if reason.split(":")[0] in (*_IMAGE_ERRORS, *_BOX_ERRORS) else "bad_row"
                       for _, reason in report.problems)
@@ -157,7 +192,7 @@ def run(argv: list[str] | None = None) -> int:
              "wrote %s%s", report.refined, len(rows), report.images, refiner.cache_hits, refiner.encoded, summary,
              args.output, f" and {report.refined} masks in {args.masks}" if args.masks else "")
     if rows and not report.refined:
-        hint = ("; is --images right?" if reasons["missing_image"] else
+        hint = ("; is --images (or --split) right?" if reasons["missing_image"] else
                 "; is --box-format right?" if reasons["bad_row"] else "")
         raise DetectionsError(f"none of the {len(rows)} detections could be refined ({summary}){hint}")
     return 0

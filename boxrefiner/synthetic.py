@@ -1,11 +1,16 @@
-"""Deterministic synthetic data in FungiTastic's own layout, so demos and tests run the real loader.
+"""Deterministic synthetic data, so demos and tests run the real loaders.
 
-Each image shows one mushroom (cap + stem, varied colours, sizes and positions) on a textured
-background with leaf-like distractors. The image and its part masks are drawn at a "full" size; the
-JPEG is saved at `<size>p` (longest side), and the masks go into a CVAT-RLE parquet in full-size
-coordinates, exactly like the published dataset.
+FungiTastic layout (`generate`): each image shows one mushroom (cap + stem, varied colours, sizes and
+positions) on a textured background with leaf-like distractors. The image and its part masks are
+drawn at a "full" size; the JPEG is saved at `<size>p` (longest side), and the masks go into a
+CVAT-RLE parquet in full-size coordinates, exactly like the published dataset.
+
+COCO + YOLO layout (`generate_multi_object`): 1..max_objects mushrooms per image in three categories
+(by cap colour), described twice over the same JPEGs (a COCO instances JSON and Ultralytics labels),
+with a simulated, systematically biased detector's output to refine.
 
     python -m boxrefiner.synthetic --out data/synthetic_fungitastic --train 96 --val 32 --seed 0
+    python -m boxrefiner.synthetic --out data/synthetic_multi --layout coco-yolo --train 192 --val 48
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from .config import DataConfig
 from .fileio import atomic_write, write_json
 from .rle import encode_cvat_rle
 
@@ -28,7 +34,7 @@ _SPLIT_FILES = {"train": ("Train", "TrainMasks"), "val": ("ClosedSet-Val", "Vali
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
-    return tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))  # type: ignore[return-value]
+    return tuple(round(c * 255) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))  # type: ignore[return-value]
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -96,12 +102,12 @@ def generate(out: str | Path, train: int = 96, val: int = 32, seed: int = 0, siz
             rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
             aw, ah = _ASPECTS[rng.integers(len(_ASPECTS))]
             scale = FULL_LONG_SIDE / max(aw, ah)
-            width, height = int(round(aw * scale)), int(round(ah * scale))
+            width, height = round(aw * scale), round(ah * scale)
             image, masks = draw_mushroom(rng, width, height)
             name = f"{split}-{seed}-{i:05d}.JPG"
             for size in sizes:
                 factor = size / max(width, height)
-                small = image.resize((int(round(width * factor)), int(round(height * factor))), Image.LANCZOS)
+                small = image.resize((round(width * factor), round(height * factor)), Image.LANCZOS)
                 atomic_write(out / SUBSET / split / f"{size}p" / name, lambda f, im=small: im.save(f, "JPEG", quality=90))
             rows.append({"filename": name, "observationID": 1000 * (seed + 1) + i, "species": "Synthetica fungoides",
                          "category_id": int(i % 5)})
@@ -115,50 +121,347 @@ def generate(out: str | Path, train: int = 96, val: int = 32, seed: int = 0, siz
     return out
 
 
-def simulated_detections(root: str | Path, split: str = "val", center_std: float = 0.15, scale_std: float = 0.2,
-                         seed: int = 0, per_image: int = 1) -> list[dict]:
-    """A stand-in for a detector's output on a dataset: every image's ground-truth box (read by the
-    real loader) with detector-like noise, a score and an extra field, as refine_boxes.py reads them;
-    `per_image` independent detections of each image (rows grouped by image)."""
+def simulated_detections(root: str | Path | None, split: str = "val", center_std: float = 0.15, scale_std: float = 0.2,
+                         seed: int = 0, per_image: int = 1, data: DataConfig | None = None) -> list[dict]:
+    """A stand-in for a detector's output on a dataset: every object's ground-truth box (read by the
+    real loader) with detector-like noise, a score and its category name, as refine_boxes.py reads them;
+    `per_image` independent detections of each object (rows grouped by object, in object order).
+    `data` reads any layout; without it, `root` is a FungiTastic root."""
     import torch
 
     from .boxes import jitter_draws
-    from .config import BoxNoiseConfig, DataConfig
+    from .config import BoxNoiseConfig
     from .data import load_split
 
-    samples = load_split(DataConfig(data_root=str(root)), split).samples
-    longest = torch.tensor([[max(s.width, s.height)] for s in samples], dtype=torch.float64)
-    truth = torch.tensor([s.box for s in samples], dtype=torch.float64) / longest
-    extent = torch.tensor([(s.width, s.height) for s in samples], dtype=torch.float64) / longest
+    loaded = load_split(data if data is not None else DataConfig(data_root=str(root)), split)
+    if not loaded.objects:
+        return []
+    images = [loaded.images[o.image] for o in loaded.objects]
+    longest = torch.tensor([[max(im.width, im.height)] for im in images], dtype=torch.float64)
+    truth = torch.tensor([o.box for o in loaded.objects], dtype=torch.float64) / longest
+    extent = torch.tensor([(im.width, im.height) for im in images], dtype=torch.float64) / longest
     max_sigma = BoxNoiseConfig().max_sigma  # draws clipped as in training
     generator = torch.Generator().manual_seed(seed)
     noisy = jitter_draws(truth, extent, center_std, scale_std, max_sigma, per_image, generator) * longest[:, None]
-    scores = np.random.default_rng(seed).uniform(0.3, 0.99, (len(samples), per_image))
-    return [{"file_name": s.file_name, "bbox": [round(float(v), 2) for v in box], "score": round(float(score), 3),
-             "label": "fungus"} for s, boxes, row in zip(samples, noisy, scores) for box, score in zip(boxes, row)]
+    scores = np.random.default_rng(seed).uniform(0.3, 0.99, (len(images), per_image))
+    return [{"file_name": im.file_name, "bbox": [round(float(v), 2) for v in box], "score": round(float(score), 3),
+             "label": loaded.category_name(o.category_id)}
+            for im, o, boxes, row in zip(images, loaded.objects, noisy, scores) for box, score in zip(boxes, row)]
+
+
+# --- several objects per image, in COCO and YOLO layouts ---------------------------------------------------
+
+MULTI_CATEGORIES = {1: "red_cap", 2: "yellow_cap", 3: "violet_cap"}
+_CAP_HUES = {1: (-0.02, 0.03), 2: (0.12, 0.16), 3: (0.74, 0.84)}  # far apart, so colour tells the category
+_SUPERSAMPLE = 3  # drawn at this multiple of the saved size: smooth edges, and an exact pixel grid per saved pixel
+_CAP_POINTS = 40  # vertices of a cap's ellipse (drawn and annotated as the same polygon)
+_CAP_FRACTION = (0.2, 0.5)  # cap width / shorter image side, log-uniform (the FungiTastic demo: 0.18-0.55)
+_PLACEMENT_TRIES = 40
+# The simulated detector: boxes too large and shifted down-right by these factors of the box size.
+DETECTOR_SCALE = (1.25, 1.35)
+DETECTOR_SHIFT = (0.08, 0.12)
+DETECTOR_MISS_RATE = 0.05
+DETECTOR_FALSE_POSITIVES = 1 / 3  # per image
+
+Box = tuple[float, float, float, float]
+Polygon = list[tuple[float, float]]
+
+
+def _saved_size(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    """Width and height of a saved image: one of `_ASPECTS` with longest side `size`."""
+    aw, ah = _ASPECTS[rng.integers(len(_ASPECTS))]
+    return round(aw * size / max(aw, ah)), round(ah * size / max(aw, ah))
+
+
+def _mushroom_outline(rng: np.random.Generator, short: float) -> tuple[Polygon, Polygon, float, float]:
+    """Cap and stem polygons with the cap's top centre at (0, 0), and the outline's width and height:
+    placement needs the extent before the position."""
+    cap_w = short * float(np.exp(rng.uniform(*np.log(_CAP_FRACTION))))
+    cap_h = cap_w * rng.uniform(0.35, 0.75)
+    stem_w = cap_w * rng.uniform(0.15, 0.32)
+    stem_h = cap_w * rng.uniform(0.35, 1.0)
+    lean = rng.uniform(-0.25, 0.25) * stem_w  # the stem's foot stays within the cap's width
+    angles = np.linspace(0, 2 * np.pi, _CAP_POINTS, endpoint=False)
+    cap = [(float(cap_w / 2 * np.cos(a)), float(cap_h / 2 * (1 + np.sin(a)))) for a in angles]
+    stem_top = cap_h * 0.6
+    stem = [(-stem_w / 2, stem_top), (stem_w / 2, stem_top),
+            (stem_w * 0.6 + lean, stem_top + stem_h), (-stem_w * 0.6 + lean, stem_top + stem_h)]
+    return cap, stem, cap_w, stem_top + stem_h
+
+
+def _overlaps(box: Box, others: list[Box], gap: float) -> bool:
+    return any(box[0] < o[2] + gap and o[0] < box[2] + gap and box[1] < o[3] + gap and o[1] < box[3] + gap
+               for o in others)
+
+
+def _place_mushrooms(rng: np.random.Generator, width: int, height: int, count: int) -> list[tuple[Polygon, Polygon]]:
+    """Up to `count` (cap, stem) outlines in full-size pixels whose boxes do not touch (so that every
+    mask is the whole drawn shape); one that finds no free place in a few tries is dropped."""
+    placed: list[tuple[Polygon, Polygon]] = []
+    boxes: list[Box] = []
+    margin = 2.0 * _SUPERSAMPLE
+    for _ in range(count):
+        cap, stem, w, h = _mushroom_outline(rng, min(width, height))
+        for _ in range(_PLACEMENT_TRIES):
+            cx = rng.uniform(w / 2 + margin, width - w / 2 - margin)
+            top = rng.uniform(margin, height - h - margin)
+            box = (cx - w / 2, top, cx + w / 2, top + h)
+            if not _overlaps(box, boxes, margin):
+                boxes.append(box)
+                placed.append(([(x + cx, y + top) for x, y in cap], [(x + cx, y + top) for x, y in stem]))
+                break
+    return placed
+
+
+def _saved_mask(shapes: tuple[Polygon, Polygon], width: int, height: int) -> np.ndarray:
+    """The outline's mask in saved-image pixels: each saved pixel is a `_SUPERSAMPLE`-square block of
+    drawn pixels, foreground when at least half of it is (drawn in a crop around the outline, for speed)."""
+    k = _SUPERSAMPLE
+    xs = [x for shape in shapes for x, _ in shape]
+    ys = [y for shape in shapes for _, y in shape]
+    left, top = max(0, int(min(xs) // k) - 1), max(0, int(min(ys) // k) - 1)
+    right, bottom = min(width, int(max(xs) // k) + 2), min(height, int(max(ys) // k) + 2)
+    layer = Image.new("L", ((right - left) * k, (bottom - top) * k), 0)
+    draw = ImageDraw.Draw(layer)
+    for shape in shapes:
+        draw.polygon([(x - left * k, y - top * k) for x, y in shape], fill=255)
+    blocks = np.asarray(layer, dtype=np.float32).reshape(bottom - top, k, right - left, k).mean(axis=(1, 3))
+    mask = np.zeros((height, width), dtype=bool)
+    mask[top:bottom, left:right] = blocks >= 127.5
+    return mask
+
+
+def _paint_mushroom(draw: ImageDraw.ImageDraw, rng: np.random.Generator, shapes: tuple[Polygon, Polygon],
+                    category_id: int) -> None:
+    """Stem, cap in its category's hue, and sometimes pale spots kept well inside the cap (so the mask
+    is exactly the outline)."""
+    cap, stem = shapes
+    hue = rng.uniform(*_CAP_HUES[category_id])
+    draw.polygon(stem, fill=_hsv(hue, rng.uniform(0.05, 0.3), rng.uniform(0.75, 0.98)))
+    draw.polygon(cap, fill=_hsv(hue, rng.uniform(0.6, 0.95), rng.uniform(0.65, 0.95)))
+    if rng.random() < 0.5:
+        xs, ys = [x for x, _ in cap], [y for _, y in cap]
+        cx, cy, rx, ry = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, (max(xs) - min(xs)) / 2, (max(ys) - min(ys)) / 2
+        for _ in range(rng.integers(3, 10)):
+            angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.55)
+            sx, sy = cx + radius * rx * np.cos(angle), cy + radius * ry * np.sin(angle)
+            r = ry * rng.uniform(0.06, 0.16)
+            draw.ellipse((sx - r, sy - r, sx + r, sy + r), fill=(235, 230, 220))
+
+
+def _tight_box(mask: np.ndarray) -> Box:
+    """Smallest box holding every foreground pixel, in pixel-edge coordinates (right = last column + 1)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def _segmentation(shapes: tuple[Polygon, Polygon], mask: np.ndarray, as_polygon: bool) -> list | dict:
+    """COCO segmentation in saved pixels: the outline's polygons (cap, stem), or the mask's compressed RLE.
+    A drawn vertex p covers the pixel centred on p, so its pixel-edge coordinate is p + 0.5."""
+    if as_polygon:
+        return [[round((v + 0.5) / _SUPERSAMPLE, 2) for point in shape for v in point] for shape in shapes]
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def draw_scene(rng: np.random.Generator, size: int, max_objects: int,
+               first_category: int = 1) -> tuple[Image.Image, list[dict]]:
+    """One saved-size image with 1..max_objects mushrooms, and its objects in drawing order as
+    {category_id, box (xyxy saved pixels: the tight box of the mask), mask (saved pixels), shapes (the
+    outline's polygons, drawn pixels)}. The first object is `first_category` (so that a split of a few
+    images already shows every category), the others random."""
+    width, height = _saved_size(rng, size)
+    full_w, full_h = width * _SUPERSAMPLE, height * _SUPERSAMPLE
+    # The texture needs no supersampling (only the mushrooms' edges do): drawn at the saved size, 9x cheaper.
+    image = _background(rng, width, height).resize((full_w, full_h), Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for n, shapes in enumerate(_place_mushrooms(rng, full_w, full_h, int(rng.integers(1, max_objects + 1)))):
+        category_id = first_category if n == 0 else int(rng.integers(1, len(MULTI_CATEGORIES) + 1))
+        mask = _saved_mask(shapes, width, height)
+        _paint_mushroom(draw, rng, shapes, category_id)
+        if mask.any():
+            objects.append({"category_id": category_id, "box": _tight_box(mask), "mask": mask, "shapes": shapes})
+    return image.resize((width, height), Image.LANCZOS), objects
+
+
+def _clip(box: Box, width: int, height: int) -> Box:
+    return (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
+            min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
+
+
+def _detection(file_name: str, box: Box, score: float, category_id: int) -> dict:
+    return {"file_name": file_name, "bbox": [round(float(v), 2) for v in box], "score": round(float(score), 3),
+            "category_id": int(category_id)}
+
+
+def _biased_box(rng: np.random.Generator, box: Box) -> Box:
+    """The detector's box of one object: too large and shifted down-right, the same way every time."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    scale = rng.uniform(*DETECTOR_SCALE) * np.exp(rng.normal(0, 0.03, 2))
+    shift = rng.uniform(*DETECTOR_SHIFT) + rng.normal(0, 0.015, 2)
+    cx, cy = (x0 + x1) / 2 + shift[0] * w, (y0 + y1) / 2 + shift[1] * h
+    return cx - w * scale[0] / 2, cy - h * scale[1] / 2, cx + w * scale[0] / 2, cy + h * scale[1] / 2
+
+
+def _background_box(rng: np.random.Generator, boxes: list[Box], width: int, height: int) -> Box | None:
+    """A random box that touches no object (a false positive), or None when the image has no room."""
+    longest = max(width, height)
+    for _ in range(_PLACEMENT_TRIES):
+        w, h = (min(v, side - 1) for v, side in zip(rng.uniform(0.06, 0.3, 2) * longest, (width, height)))
+        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        box = (x0, y0, x0 + w, y0 + h)
+        if not _overlaps(box, boxes, 0.0):
+            return box
+    return None
+
+
+def biased_detections(rng: np.random.Generator, file_name: str, objects: list[tuple[Box, int]], width: int,
+                      height: int) -> list[dict]:
+    """A detector that is wrong the same way on every object (`_biased_box`), clipped to the image;
+    it misses about `DETECTOR_MISS_RATE` of the objects, and about `DETECTOR_FALSE_POSITIVES` times per
+    image adds a low-score box on the background. `objects`: (xyxy box, category_id) in saved pixels;
+    rows in refine_boxes.py's format, objects first (in their order), then the false positive."""
+    rows = []
+    for box, category_id in objects:
+        if rng.random() >= DETECTOR_MISS_RATE:
+            rows.append(_detection(file_name, _clip(_biased_box(rng, box), width, height), rng.uniform(0.55, 0.99),
+                                   category_id))
+    if rng.random() < DETECTOR_FALSE_POSITIVES:
+        box = _background_box(rng, [b for b, _ in objects], width, height)
+        if box is not None:
+            rows.append(_detection(file_name, box, rng.uniform(0.05, 0.35),
+                                   int(rng.integers(1, len(MULTI_CATEGORIES) + 1))))
+    return rows
+
+
+def _coco_annotation(ann_id: int, image_id: int, obj: dict) -> dict:
+    """One COCO annotation; every other one carries its mask as polygons, the rest as compressed RLE,
+    so that readers meet both kinds."""
+    x0, y0, x1, y1 = obj["box"]
+    return {"id": ann_id, "image_id": image_id, "category_id": obj["category_id"],
+            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(obj["mask"].sum()), "iscrowd": 0,
+            "segmentation": _segmentation(obj["shapes"], obj["mask"], as_polygon=ann_id % 2 == 1)}
+
+
+def _yolo_lines(objects: list[dict], width: int, height: int) -> str:
+    """Ultralytics labels: `class cx cy w h`, normalised, class = COCO category_id - 1; 10 decimals (Ultralytics
+    writes 6), so that both layouts give the same float32 boxes and the same training run."""
+    lines = []
+    for obj in objects:
+        x0, y0, x1, y1 = obj["box"]
+        lines.append(f"{obj['category_id'] - 1} {(x0 + x1) / 2 / width:.10f} {(y0 + y1) / 2 / height:.10f} "
+                     f"{(x1 - x0) / width:.10f} {(y1 - y0) / height:.10f}\n")
+    return "".join(lines)
+
+
+def _data_yaml() -> str:
+    names = "".join(f"  {category_id - 1}: {name}\n" for category_id, name in MULTI_CATEGORIES.items())
+    return f"path: .\ntrain: images/train\nval: images/val\nnames:\n{names}"
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _multi_split(out: Path, split: str, count: int, seed: int, size: int, max_objects: int) -> int:
+    """Write one split's images, YOLO labels, COCO JSON and biased detections; returns the object count."""
+    split_index = 0 if split == "train" else 1
+    images, annotations, detections = [], [], []
+    for i in range(count):
+        image, objects = draw_scene(np.random.default_rng([seed, split_index, i, 0]), size, max_objects,
+                                    first_category=i % len(MULTI_CATEGORIES) + 1)
+        name = f"{split}-{seed}-{i:05d}.jpg"
+        width, height = image.size
+        atomic_write(out / "images" / split / name, lambda f, im=image: im.save(f, "JPEG", quality=90))
+        _write_text(out / "labels" / split / f"{Path(name).stem}.txt", _yolo_lines(objects, width, height))
+        images.append({"id": i + 1, "file_name": name, "width": width, "height": height})
+        annotations += [_coco_annotation(len(annotations) + n + 1, i + 1, obj) for n, obj in enumerate(objects)]
+        detections += biased_detections(np.random.default_rng([seed, split_index, i, 1]), name,
+                                        [(obj["box"], obj["category_id"]) for obj in objects], width, height)
+    categories = [{"id": c, "name": n, "supercategory": "mushroom"} for c, n in MULTI_CATEGORIES.items()]
+    write_json(out / "annotations" / f"instances_{split}.json",
+               {"info": {"description": "synthetic mushrooms (boxrefiner.synthetic)", "version": "1"},
+                "images": images, "annotations": annotations, "categories": categories})
+    write_json(out / "detections" / f"{split}.json", detections)
+    return len(annotations)
+
+
+def generate_multi_object(out: str | Path, train: int = 192, val: int = 48, seed: int = 0, size: int = 300,
+                          max_objects: int = 3) -> Path:
+    """Write a multi-object detection dataset under `out`, in COCO and YOLO layouts over the same JPEGs,
+    with a biased detector's boxes of both splits; the same arguments always give the same files.
+
+        images/{train,val}/<split>-<seed>-<i:05d>.jpg    longest side `size`
+        annotations/instances_{train,val}.json          COCO: bbox = tight box of the mask, saved pixels
+        labels/{train,val}/<stem>.txt, data.yaml        YOLO: class = category_id - 1
+        detections/{train,val}.json                     [{file_name, bbox xyxy, score, category_id}]
+    """
+    if size < 32 or max_objects < 1 or train < 0 or val < 0:
+        raise ValueError(f"need size >= 32, max_objects >= 1 and non-negative counts, got size {size}, "
+                         f"max_objects {max_objects}, train {train}, val {val}")
+    out = Path(out)
+    for split, count in (("train", train), ("val", val)):
+        _multi_split(out, split, count, seed, size, max_objects)
+    _write_text(out / "data.yaml", _data_yaml())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a synthetic dataset in FungiTastic-Mini's layout.")
-    parser.add_argument("--out", required=True, help="dataset root to write (metadata/, FungiTastic-Mini/, masks/)")
-    parser.add_argument("--train", type=int, default=96, help="number of training images")
-    parser.add_argument("--val", type=int, default=32, help="number of validation images")
+    parser = argparse.ArgumentParser(description="Write a synthetic dataset: FungiTastic-Mini's layout (one mushroom "
+                                                 "per image), or COCO + YOLO (several per image, 3 categories).")
+    parser.add_argument("--out", required=True, help="dataset root to write")
+    parser.add_argument("--layout", choices=("fungitastic", "coco-yolo"), default="fungitastic",
+                        help="fungitastic: metadata/, FungiTastic-Mini/, masks/; coco-yolo: images/, annotations/, "
+                             "labels/, data.yaml and a biased detector's detections/")
+    parser.add_argument("--train", type=int, help="number of training images (default 96; coco-yolo 192)")
+    parser.add_argument("--val", type=int, help="number of validation images (default 32; coco-yolo 48)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[300], help="image folders to write, e.g. 300 500")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[300],
+                        help="image folders to write, e.g. 300 500 (coco-yolo: the first is the longest side)")
+    parser.add_argument("--max-objects", type=int, default=3, help="coco-yolo: at most this many mushrooms per image")
     parser.add_argument("--detections", type=Path,
-                        help="also write simulated detections (noisy xyxy boxes) of the val images to this JSON")
+                        help="fungitastic: also write simulated detections (noisy xyxy boxes) of the val images to "
+                             "this JSON (coco-yolo always writes detections/{train,val}.json)")
     parser.add_argument("--center-std", type=float, default=0.15, help="detection noise: centre shift / box size")
     parser.add_argument("--scale-std", type=float, default=0.2, help="detection noise: std of log width/height")
-    parser.add_argument("--boxes-per-image", type=int, default=1, help="independent simulated detections per image")
+    parser.add_argument("--boxes-per-image", type=int, default=1, help="independent simulated detections per object")
     args = parser.parse_args(argv)
-    if args.train < 1 or args.val < 1 or args.boxes_per_image < 1:
-        parser.error("--train, --val and --boxes-per-image must be at least 1")
-    root = generate(args.out, args.train, args.val, args.seed, tuple(args.sizes))
-    print(f"wrote {args.train} train and {args.val} val images to {root}")
+    multi = args.layout == "coco-yolo"
+    train = args.train if args.train is not None else (192 if multi else 96)
+    val = args.val if args.val is not None else (48 if multi else 32)
+    if train < 1 or val < 1 or args.boxes_per_image < 1 or args.max_objects < 1:
+        parser.error("--train, --val, --boxes-per-image and --max-objects must be at least 1")
+    if multi:
+        if args.detections:
+            parser.error("--detections is for --layout fungitastic: coco-yolo writes detections/{train,val}.json")
+        return _main_multi(Path(args.out), train, val, args.seed, args.sizes[0], args.max_objects)
+    root = generate(args.out, train, val, args.seed, tuple(args.sizes))
+    print(f"wrote {train} train and {val} val images to {root}")
     if args.detections:
         rows = simulated_detections(root, "val", args.center_std, args.scale_std, args.seed, args.boxes_per_image)
         write_json(args.detections, rows)
         print(f"wrote {len(rows)} simulated detections to {args.detections}")
+    return 0
+
+
+def _main_multi(out: Path, train: int, val: int, seed: int, size: int, max_objects: int) -> int:
+    """The coco-yolo CLI: generate, then say what was written and how to point a config at it."""
+    import json
+
+    root = generate_multi_object(out, train, val, seed, size, max_objects)
+    for split, count in (("train", train), ("val", val)):
+        objects = len(json.loads((root / "annotations" / f"instances_{split}.json").read_text())["annotations"])
+        detections = len(json.loads((root / "detections" / f"{split}.json").read_text()))
+        print(f"wrote {count} {split} images with {objects} objects to {root / 'images' / split}, "
+              f"{root / 'annotations' / f'instances_{split}.json'}, {root / 'labels' / split}; "
+              f"{detections} biased detections to {root / 'detections' / f'{split}.json'}")
+    print(f"YOLO: data.format yolo, data.yolo_data {root / 'data.yaml'}; COCO: data.format coco, "
+          f"data.train_images {root / 'images' / 'train'}, data.train_annotations "
+          f"{root / 'annotations' / 'instances_train.json'} (and val)")
     return 0
 
 

@@ -52,10 +52,11 @@ def test_every_bad_sample_is_skipped_and_listed(messy_root, tmp_path, cache, cap
     listed = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     reasons = {r["file_name"]: r["reason"] for r in listed}
     assert reasons == {"nomask.JPG": "no_mask", "missing.JPG": "missing_image", "badrle.JPG": "bad_rle",
-                       "outside.JPG": "out_of_image", "tiny.JPG": "empty_box", "garbage.JPG": "unreadable_image",
+                       "outside.JPG": "outside_image", "tiny.JPG": "too_small", "garbage.JPG": "unreadable_image",
                        "truncated.JPG": "unreadable_image"}
     assert all(r["split"] == "train" for r in listed)
-    assert "train split: 4 samples used; skipped: 1 bad_rle, 1 empty_box, 1 missing_image, 1 no_mask" in caplog.text
+    assert ("train split: 4 objects on 4 images used; skipped: 1 bad_rle, 1 missing_image, 1 no_mask, 1 outside_image, "
+            "1 too_small") in caplog.text
 
 
 def test_a_split_left_empty_stops_before_any_model_with_the_layout(messy_root, tmp_path, monkeypatch):
@@ -63,6 +64,6 @@ def test_a_split_left_empty_stops_before_any_model_with_the_layout(messy_root, t
     monkeypatch.setattr(engine, "build_model", lambda cfg: pytest.fail("a model was built"))
     masks = messy_root / "masks" / "FungiTastic-Mini-ValidationMasks.parquet"  # no training image has a mask here
     raw = small_config(messy_root, tmp_path, data={"masks_file": str(masks)})
-    with pytest.raises(DataError, match=r"split 'train' has no usable samples \(skipped: 10 no_mask\); expected .*"
+    with pytest.raises(DataError, match=r"split 'train' has no usable objects \(skipped: 10 no_mask\); expected .*"
                                         r"metadata/FungiTastic-Mini/FungiTastic-Mini-Train.csv"):
         train(config_from_dict(raw), torch.device("cpu"))

@@ -71,11 +71,11 @@ def test_entry_broken_during_training_is_reextracted(synthetic_root, tmp_path):
         "feature_cache": {"cache_dir": str(tmp_path / "features"), "in_memory": False}}))
     train_split, val_split = prepare_splits(cfg)
     sources = FeatureSources(cfg, CPU, train_split, val_split, "fp32")
-    before = {int(i): f.clone() for idx, feats in sources.train for i, f in zip(idx, feats)}
+    before = {int(i): f.clone() for b in sources.train for i, f in zip(b.objects, b.features[b.image_index])}
     victim = sorted((tmp_path / "features" / "train").glob("*/*.npy"))[3]
     victim.write_bytes(b"garbage")
     sources.train.healed = 0
-    after = {int(i): f for idx, feats in sources.train for i, f in zip(idx, feats)}
+    after = {int(i): f for b in sources.train for i, f in zip(b.objects, b.features[b.image_index])}
     assert sources.train.healed == 1
     assert all(torch.equal(before[i], after[i]) for i in before)
     assert np.load(victim).shape == (256, 16, 16)

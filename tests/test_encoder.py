@@ -128,7 +128,7 @@ def test_cached_entry_is_the_predictors_features_in_float16(sam_tiny_checkpoint,
     from boxrefiner.features import warm_up
 
     sam, path = sam_tiny_checkpoint
-    sample = load_split(DataConfig(data_root=str(synthetic_root)), "val").samples[0]
+    sample = load_split(DataConfig(data_root=str(synthetic_root)), "val").images[0]
     cfg = HQSAMConfig(checkpoint=str(path), model_type="vit_tiny")
     identity = encoder_identity(cfg)
     cache = FeatureCache(tmp_path, "val", identity, "float16")
@@ -210,9 +210,10 @@ def perturbed_config(perturbed, work, **training):
 
 
 def one_sample_split(perturbed):
-    from boxrefiner.data import Sample, SplitData, oriented_size
+    from boxrefiner.data import ImageRecord, ObjectRecord, SplitData, oriented_size
     width, height = oriented_size(perturbed["image"])
-    return SplitData("val", [Sample(perturbed["image"].name, perturbed["image"], width, height, (10, 10, 100, 100))])
+    return SplitData("val", [ImageRecord(perturbed["image"].name, perturbed["image"], width, height)],
+                     [ObjectRecord(0, (10, 10, 100, 100))])
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "cache_off"])
@@ -220,8 +221,8 @@ def test_training_features_are_the_checkpoints(perturbed, tmp_path, cache):
     from boxrefiner.features import FeatureSources
     cfg = perturbed_config(perturbed, tmp_path, feature_cache=cache)
     sources = FeatureSources(cfg, CPU, one_sample_split(perturbed), one_sample_split(perturbed), "fp32")
-    [(_, features)] = list(sources.val)
-    torch.testing.assert_close(features[0], perturbed["features"], rtol=0, atol=1e-4)
+    [batch] = list(sources.val)
+    torch.testing.assert_close(batch.features[0], perturbed["features"], rtol=0, atol=1e-4)
 
 
 def test_refiner_features_and_masks_are_the_checkpoints(perturbed, tmp_path):

@@ -52,13 +52,13 @@ def hand_root(tmp_path) -> Path:
 
 def test_boxes_are_the_union_of_parts_scaled_to_the_loaded_image(hand_root):
     split = load_split(DataConfig(data_root=str(hand_root)), "train")
-    boxes = {s.file_name: s.box for s in split.samples}
+    boxes = {split.images[o.image].file_name: o.box for o in split.objects}
     # a: parts span x 10..13 and y 4..20 (inclusive) -> edges [10, 4, 14, 21] at 80x60 -> x0.5
     assert boxes["a.JPG"] == pytest.approx((5.0, 2.0, 7.0, 10.5))
     assert boxes["b.JPG"] == pytest.approx((15.0, 20.0, 16.5, 21.0))
-    assert len(split.samples) == 2  # the duplicate CSV row counts once
-    assert split.skipped == {"no_mask": 1} and split.skipped_files == [("nomask.JPG", "no_mask")]
-    assert (split.samples[0].width, split.samples[0].height) == (40, 30)
+    assert len(split.images) == len(split.objects) == 2  # the duplicate CSV row counts once
+    assert split.skipped == {"no_mask": 1} and split.skipped_files == [{"file_name": "nomask.JPG", "reason": "no_mask"}]
+    assert (split.images[0].width, split.images[0].height) == (40, 30)
 
 
 def test_masks_file_override_and_val_split(hand_root, tmp_path):
@@ -67,7 +67,7 @@ def test_masks_file_override_and_val_split(hand_root, tmp_path):
     with pytest.raises(DataError, match="masks file for split 'val' not found"):
         load_split(DataConfig(data_root=str(hand_root)), "val")
     split = load_split(DataConfig(data_root=str(hand_root), masks_file=str(moved)), "val")
-    assert [s.file_name for s in split.samples] == ["c.JPG"]
+    assert [s.file_name for s in split.images] == ["c.JPG"]
 
 
 def test_missing_image_folder_names_the_path(hand_root):

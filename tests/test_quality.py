@@ -49,8 +49,9 @@ def test_a_level_name_never_overwrites_another_metric():
     own = {metric_name(key, "") for key in keys} | {"val_iou_refined_levels"}
     colliding = {key.split("_", k)[-1] for key in own for k in range(1, key.count("_") + 1)
                  if any(metric_name(base, key.split("_", k)[-1]) == key for base in keys)}
-    assert colliding == set(RESERVED_LEVEL_NAMES) and colliding  # every name that collides is refused
-    for name in colliding:
+    # every name that collides is refused, and "detections", the validation detections' own set
+    assert colliding | {"detections"} == set(RESERVED_LEVEL_NAMES) and colliding
+    for name in RESERVED_LEVEL_NAMES:
         with pytest.raises(ConfigError, match=f"evaluation.levels.{name}': this name would overwrite"):
             config_from_dict({"data": {"data_root": "x"}, "evaluation": {"levels": {name: [0.1, 0.1]}}})
 
@@ -125,14 +126,17 @@ def test_each_level_is_judged_on_several_fixed_boxes_per_image(levels_run):
     from boxrefiner.data import load_split
     raw, _, _ = levels_run
     cfg = config_from_dict(raw)
-    targets = Targets.of(load_split(cfg.data, "val").samples)
+    targets = Targets.of(load_split(cfg.data, "val"))
     inputs = validation_inputs(cfg, targets)
     n = len(targets.boxes)
-    assert inputs[""].shape == (n, 1, 4) and inputs["medium"].shape == (n, cfg.evaluation.boxes_per_level, 4)
-    assert len({tuple(b.tolist()) for b in inputs["medium"][0]}) == cfg.evaluation.boxes_per_level  # distinct draws
-    assert torch.equal(inputs["medium"], validation_inputs(cfg, targets)["medium"])  # fixed across epochs and runs
+    per = cfg.evaluation.boxes_per_level
+    assert inputs[""].boxes.shape == (n, 4) and inputs["medium"].boxes.shape == (n * per, 4)
+    medium = inputs["medium"].boxes.view(n, per, 4)
+    assert torch.equal(inputs["medium"].owner, torch.arange(n).repeat_interleave(per))
+    assert len({tuple(b.tolist()) for b in medium[0]}) == per  # distinct draws
+    assert torch.equal(inputs["medium"].boxes, validation_inputs(cfg, targets)["medium"].boxes)  # fixed across runs
     fewer = config_from_dict({**raw, "evaluation": {**raw.get("evaluation", {}), "boxes_per_level": 2}})
-    assert torch.equal(validation_inputs(fewer, targets)["medium"], inputs["medium"][:, :2])  # a prefix of the draws
+    assert torch.equal(validation_inputs(fewer, targets)["medium"].boxes.view(n, 2, 4), medium[:, :2])  # a prefix
 
 
 def test_keep_margin_one_always_keeps_the_input(levels_run, synthetic_root):

@@ -10,7 +10,8 @@ from PIL import Image
 from boxrefiner.cache import read_manifest
 from boxrefiner.checkpoint import load_checkpoint
 from boxrefiner.config import config_from_dict
-from boxrefiner.data import ground_truth_mask, load_split, read_masks, split_paths
+from boxrefiner.data import load_split
+from boxrefiner.fungitastic import ground_truth_mask, read_masks, split_paths
 from boxrefiner.detections import DetectionsError, from_xyxy, parse_detections, to_xyxy
 from boxrefiner.encoder import EncoderError, ImageEncoder, EncoderIdentity, preprocess
 from boxrefiner.engine import train
@@ -64,7 +65,7 @@ def test_api_repeats_the_trainers_validation_numbers(trained, synthetic_root):
     refiner = BoxRefiner.from_checkpoint(checkpoint, device="cpu", num_workers=0)
     split = load_split(refiner.cfg.data, "val")
     report = evaluate_cases(refiner, split, jittered_cases(refiner, split))
-    assert refiner.cache_hits == len(split.samples) and refiner.encoded == 0  # every feature from the cache
+    assert refiner.cache_hits == len(split.images) and refiner.encoded == 0  # every feature from the cache
     assert report["box"]["iou_input"] == pytest.approx(history[-1]["val_iou_input"], abs=1e-5)
     assert report["box"]["iou_refined"] == pytest.approx(history[-1]["val_iou_refined"], abs=1e-5)
     assert report["box"]["worse_rate"] == pytest.approx(history[-1]["val_worse_rate"], abs=1e-6)
@@ -242,7 +243,7 @@ def test_evaluation_scores_refine_boxes_output_with_masks(trained, synthetic_roo
     assert code == 0 and "mask mean IoU" in capsys.readouterr().out
     report = json.loads(report_path.read_text())
     split = load_split(config_from_dict(load_checkpoint(checkpoint)["config"]).data, "val")
-    truth = {s.file_name: s.box for s in split.samples}
+    truth = {split.images[o.image].file_name: o.box for o in split.objects}
     from boxrefiner.boxes import box_iou
     refined = out[:len(detections)]
     before = box_iou(torch.tensor([r["bbox_input"] for r in refined]), torch.tensor([truth[r["file_name"]] for r in refined]))
@@ -255,12 +256,13 @@ def test_evaluation_scores_refine_boxes_output_with_masks(trained, synthetic_roo
 
 def test_ground_truth_mask_is_the_union_of_parts_at_the_loaded_size(synthetic_root):
     cfg = config_from_dict({"data": {"data_root": str(synthetic_root)}}).data
-    sample = load_split(cfg, "val").samples[0]
+    split = load_split(cfg, "val")
+    sample, box = split.images[0], split.objects[0].box
     rows = read_masks(split_paths(cfg, "val")[2], {sample.file_name})[sample.file_name]
     mask = ground_truth_mask(rows, sample.width, sample.height)
     assert mask.shape == (sample.height, sample.width)
     ys, xs = np.nonzero(mask)
-    np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], sample.box, atol=1.5)
+    np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], box, atol=1.5)
     assert len(rows) == 2  # cap and stem: the union is larger than either
     assert mask.sum() > max(ground_truth_mask([r], sample.width, sample.height).sum() for r in rows)
 
@@ -286,7 +288,8 @@ def test_simulated_detections_are_noisy_ground_truth(synthetic_root):
     again = simulated_detections(synthetic_root, "val", seed=1)
     assert rows == again and all({"file_name", "bbox", "score"} <= set(r) for r in rows)
     cfg = config_from_dict({"data": {"data_root": str(synthetic_root)}}).data
-    truth = {s.file_name: s.box for s in load_split(cfg, "val").samples}
+    split = load_split(cfg, "val")
+    truth = {split.images[o.image].file_name: o.box for o in split.objects}
     from boxrefiner.boxes import box_iou
     iou = box_iou(torch.tensor([r["bbox"] for r in rows]), torch.tensor([truth[r["file_name"]] for r in rows]))
     assert 0.3 < iou.mean() < 0.95

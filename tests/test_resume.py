@@ -186,5 +186,5 @@ def test_resume_applies_a_changed_learning_rate_and_refuses_other_images(synthet
     train(config_from_dict(raw), CPU, resume=last)
     assert load_checkpoint(last)["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
     raw["training"]["epochs"] = 3
-    with pytest.raises(engine.CheckpointError, match="the images of the splits differ"):
+    with pytest.raises(engine.CheckpointError, match="the images, objects or detections of the splits differ"):
         train(config_from_dict(raw), CPU, resume=last, debug=True)  # --debug keeps fewer images

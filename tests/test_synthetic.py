@@ -27,9 +27,9 @@ def test_layout_loads_with_parts_drawn_at_full_size(tmp_path):
     masks = pd.read_parquet(root / "masks" / "FungiTastic-Mini-TrainMasks.parquet")
     assert set(masks["label"]) == {"cap", "stem"} and masks["width"].max() == 960
     split = load_split(DataConfig(data_root=str(root)), "train")
-    assert len(split.samples) == 4 and not split.skipped
-    for s in split.samples:
+    assert len(split.images) == len(split.objects) == 4 and not split.skipped
+    for s, o in zip(split.images, split.objects):
         assert max(s.width, s.height) == 300
-        x0, y0, x1, y1 = s.box
+        x0, y0, x1, y1 = o.box
         assert 0 <= x0 < x1 <= s.width and 0 <= y0 < y1 <= s.height
         assert (x1 - x0) * (y1 - y0) > 0.01 * s.width * s.height

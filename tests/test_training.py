@@ -41,7 +41,7 @@ def fixed_input_loss(cfg, state_dict=None) -> float:
     """Loss on the training images with one fixed set of noisy boxes (the per-epoch loss has fresh noise)."""
     train_split, val_split = prepare_splits(cfg)
     sources = FeatureSources(cfg, CPU, train_split, val_split, "fp32")
-    targets = Targets.of(train_split.samples)
+    targets = Targets.of(train_split)
     model = build_model(cfg)
     if state_dict is not None:
         model.load_state_dict(state_dict)
@@ -115,12 +115,12 @@ def test_sample_ratio_draws_a_seeded_subset_not_a_prefix(synthetic_root, tmp_pat
     raw = small_config(synthetic_root, tmp_path, data={"sample_ratio": 0.25})
     train_a, val = prepare_splits(config_from_dict(raw))
     train_b, _ = prepare_splits(config_from_dict(raw))
-    names = [s.file_name for s in train_a.samples]
-    assert len(names) == 6 and names == [s.file_name for s in train_b.samples]
+    names = [s.file_name for s in train_a.images]
+    assert len(names) == 6 and names == [s.file_name for s in train_b.images]
     assert names != sorted(names)[:6] or names[-1] != "train-3-00005.JPG"
-    assert len(val.samples) == 8  # validation is never sampled
+    assert len(val.images) == 8  # validation is never sampled
     raw["training"]["seed"] = 8
-    assert [s.file_name for s in prepare_splits(config_from_dict(raw))[0].samples] != names
+    assert [s.file_name for s in prepare_splits(config_from_dict(raw))[0].images] != names
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
