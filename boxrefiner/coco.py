@@ -73,7 +73,7 @@ def _categories(rows: list, path: Path) -> dict[int, str]:
             raise DataError(f"COCO annotations '{path}': categories[{index}] needs an integer 'id' and a 'name'")
         if cid in categories:
             raise DataError(f"COCO annotations '{path}': categories[{index}] repeats category id {cid}")
-        categories[cid] = row["name"]
+        categories[row["id"]] = row["name"]
     return categories
 
 
@@ -103,8 +103,8 @@ def _images(rows: list, path: Path, layout: Layout) -> dict[Any, tuple[str | Non
 def _size(row: dict) -> tuple[float, float] | None:
     """The annotated frame (width, height), or None (the loaded image's own size) when not given."""
     width, height = row.get("width"), row.get("height")
-    if _is_number(width) and _is_number(height) and width > 0 and height > 0:
-        return float(width), float(height)
+    if _is_number(width) and _is_number(height) and row["width"] > 0 and row["height"] > 0:
+        return float(row["width"]), float(row["height"])
     return None
 
 

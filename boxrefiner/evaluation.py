@@ -312,7 +312,7 @@ def run(argv: list[str] | None = None) -> int:
     random_weights = refiner.identity.weights.startswith("random-init")
     mask_iou = args.mask_iou
     if mask_iou is None:
-        found = bool(refiner.hqsam_checkpoint) and Path(refiner.hqsam_checkpoint).is_file()
+        found = refiner.hqsam_checkpoint is not None and Path(refiner.hqsam_checkpoint).is_file()
         mask_iou = not random_weights and found
         if random_weights:
             log.info("mask IoU skipped: HQ-SAM's weights are random here, so its masks mean nothing (--mask-iou forces it)")

@@ -275,7 +275,7 @@ def draw_scene(rng: np.random.Generator, size: int, max_objects: int,
     width, height = _saved_size(rng, size)
     full_w, full_h = width * _SUPERSAMPLE, height * _SUPERSAMPLE
     # The texture needs no supersampling (only the mushrooms' edges do): drawn at the saved size, 9x cheaper.
-    image = _background(rng, width, height).resize((full_w, full_h), Image.BILINEAR)
+    image = _background(rng, width, height).resize((full_w, full_h), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(image)
     objects = []
     for n, shapes in enumerate(_place_mushrooms(rng, full_w, full_h, int(rng.integers(1, max_objects + 1)))):
@@ -284,7 +284,7 @@ def draw_scene(rng: np.random.Generator, size: int, max_objects: int,
         _paint_mushroom(draw, rng, shapes, category_id)
         if mask.any():
             objects.append({"category_id": category_id, "box": _tight_box(mask), "mask": mask, "shapes": shapes})
-    return image.resize((width, height), Image.LANCZOS), objects
+    return image.resize((width, height), Image.Resampling.LANCZOS), objects
 
 
 def _clip(box: Box, width: int, height: int) -> Box:
@@ -331,9 +331,9 @@ def biased_detections(rng: np.random.Generator, file_name: str, objects: list[tu
             rows.append(_detection(file_name, _clip(_biased_box(rng, box), width, height), rng.uniform(0.55, 0.99),
                                    category_id))
     if rng.random() < DETECTOR_FALSE_POSITIVES:
-        box = _background_box(rng, [b for b, _ in objects], width, height)
-        if box is not None:
-            rows.append(_detection(file_name, box, rng.uniform(0.05, 0.35),
+        stray = _background_box(rng, [b for b, _ in objects], width, height)
+        if stray is not None:
+            rows.append(_detection(file_name, stray, rng.uniform(0.05, 0.35),
                                    int(rng.integers(1, len(MULTI_CATEGORIES) + 1))))
     return rows
 
@@ -370,7 +370,9 @@ def _write_text(path: Path, text: str) -> None:
 def _multi_split(out: Path, split: str, count: int, seed: int, size: int, max_objects: int) -> int:
     """Write one split's images, YOLO labels, COCO JSON and biased detections; returns the object count."""
     split_index = 0 if split == "train" else 1
-    images, annotations, detections = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    detections: list[dict] = []
     for i in range(count):
         image, objects = draw_scene(np.random.default_rng([seed, split_index, i, 0]), size, max_objects,
                                     first_category=i % len(MULTI_CATEGORIES) + 1)
