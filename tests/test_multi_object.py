@@ -165,3 +165,35 @@ def test_a_checkpoint_from_before_these_keys_resumes_and_a_changed_format_does_n
     other = {**current, "data": {**current["data"], "format": "coco", "min_box_size": 4.0}}
     refused = config_changes(other, current)[1]
     assert any(r.startswith("data.format:") for r in refused) and any(r.startswith("data.min_box_size:") for r in refused)
+
+
+def test_a_mirrored_image_mirrors_its_objects_detections(synthetic_root, tmp_path, monkeypatch):
+    from boxrefiner import engine
+    from boxrefiner.boxes import hflip_boxes
+    raw = small_config(synthetic_root, tmp_path, training={"hflip": True, "epochs": 1, "batch_size": 8},
+                       data={"num_workers": 0})
+    cfg = config_from_dict(raw)
+    split = load_split(cfg.data, "train", max_samples=8)
+    rows = [{"file_name": split.images[o.image].file_name, "bbox": [o.box[0] + 2, o.box[1] + 1, o.box[2] + 4,
+                                                                   o.box[3] + 3]} for o in split.objects]
+    split = load_split(cfg.data, "train", max_samples=8, detections=write_detections(tmp_path / "d.json", rows))
+    targets = Targets.of(split)
+    seen = []
+    real = engine.detection_inputs
+    monkeypatch.setattr(engine, "detection_inputs", lambda found, *a: seen.append((found, a[2])) or real(found, *a))
+    sources = FeatureSources(cfg, CPU, split, split, "fp32")
+    model = engine.build_model(cfg)
+    optimizer, scheduler, scaler = engine.build_optimization(cfg, model, len(sources.train), "fp32")
+    sources.train_sampler.set_epoch(0)
+    engine.train_one_epoch(model, sources.train, targets, optimizer, scheduler, scaler, cfg, "fp32", 0)
+    [(found, extent)] = seen
+    order = list(sources.train_sampler)  # the objects of the one batch, in batch order
+    original = targets.detections[order]
+    mirrored = hflip_boxes(original, torch.ones(len(order), dtype=torch.bool))
+    is_mirrored = (found - mirrored).abs().amax(dim=1) < 1e-6
+    assert (((found - original).abs().amax(dim=1) < 1e-6) | is_mirrored).all()
+    assert is_mirrored.any() and not is_mirrored.all()
+    # where the image is narrower than the padded square, its extent tells whether it was mirrored too
+    narrow = targets.extent[order, 0] < 1
+    moved = extent[::cfg.training.boxes_per_object, 0] != targets.extent[order, 0]
+    assert narrow.any() and torch.equal(moved[narrow], is_mirrored[narrow])
