@@ -382,8 +382,9 @@ def _build(cls: type, raw: Any, prefix: str, ignored: list[str] | None = None) -
 
 
 # level names whose per-level metric key (val_<key>_<name>) is already another metric's
+DETECTIONS_LEVEL = "detections"  # the validation set of matched detector boxes, reported like a level
 RESERVED_LEVEL_NAMES = {"tol": "val_worse_rate_tol", "levels": "val_iou_refined_levels",
-                        "detections": "val_iou_refined_detections (the validation detections)"}
+                        DETECTIONS_LEVEL: f"val_iou_refined_{DETECTIONS_LEVEL} (the validation detections)"}
 
 
 def _cross_check(cfg: Config) -> None:

@@ -41,6 +41,23 @@ class DataError(ValueError):
     """The dataset cannot be used as configured; the message is one line naming the path."""
 
 
+class ImageNames:
+    """Finds an image by the name a detection file gives it: its own name in the split, or its bare
+    file name when no other image has it (a YOLO image is named by its path under the dataset root, a
+    detector usually writes the file name alone)."""
+
+    def __init__(self, names: list[str]):
+        self.exact = {name: i for i, name in enumerate(names)}
+        bare: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            bare.setdefault(Path(name).name, []).append(i)
+        self.bare = {name: found[0] for name, found in bare.items() if len(found) == 1}
+
+    def find(self, name: str) -> int | None:
+        found = self.exact.get(name)
+        return found if found is not None else self.bare.get(name)
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     file_name: str  # as the annotations and detection files name it
@@ -74,8 +91,7 @@ class SplitData:
     # Detector boxes matched one-to-one to objects (data.train_detections / data.val_detections):
     # object index -> xyxy pixels; detections that matched no object are counted in `skipped`.
     detections: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
-    _names: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
-    _bare: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _names: ImageNames | None = field(default=None, init=False, repr=False, compare=False)
 
     def skip(self, file_name: str, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
@@ -102,17 +118,10 @@ class SplitData:
         return self.categories.get(category_id, str(category_id))
 
     def image_named(self, file_name: str) -> int | None:
-        """The image a detection's `file_name` names: its name in the split, or its bare file name when
-        no other image of the split has it (a YOLO image is named by its path under the dataset root,
-        a detector usually writes the file name alone)."""
+        """The image a detection's `file_name` names (see `ImageNames`)."""
         if self._names is None:
-            self._names = {image.file_name: i for i, image in enumerate(self.images)}
-            bare: dict[str, list[int]] = {}
-            for i, image in enumerate(self.images):
-                bare.setdefault(Path(image.file_name).name, []).append(i)
-            self._bare = {name: found[0] for name, found in bare.items() if len(found) == 1}
-        found = self._names.get(file_name)
-        return found if found is not None else self._bare.get(file_name)
+            self._names = ImageNames([image.file_name for image in self.images])
+        return self._names.find(file_name)
 
     def objects_by_image(self) -> dict[int, list[int]]:
         """Image index -> its objects' indices, in order."""

@@ -42,7 +42,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import BoxNoiseConfig, Config
+from .config import DETECTIONS_LEVEL, BoxNoiseConfig, Config
 from .data import DataError, SplitData, describe_layout, load_split
 from .encoder import EMBED_DIM, EncoderIdentity, autocast_context, encoder_identity
 from .features import FeatureBatches, FeatureSources
@@ -378,11 +378,8 @@ def validation_inputs(cfg: Config, targets: Targets) -> dict[str, InputSet]:
                                                         generator))
     if targets.has_detection is not None and targets.detections is not None:
         owner = targets.has_detection.nonzero().flatten()
-        inputs[DETECTIONS] = InputSet.of_some(targets.detections[owner], owner, len(targets.boxes))
+        inputs[DETECTIONS_LEVEL] = InputSet.of_some(targets.detections[owner], owner, len(targets.boxes))
     return inputs
-
-
-DETECTIONS = "detections"  # the validation set of matched detector boxes
 
 
 def metric_name(key: str, level: str) -> str:

@@ -34,7 +34,13 @@ from .boxes import box_iou, iou_summary
 from .config import DataConfig, replace
 from .console import non_negative_float, run_command, setup_logging
 from .data import DataError, SplitData, load_split
-from .detections import BOX_FORMATS, DetectionsError, parse_detections, read_detections, to_xyxy
+from .detections import (
+    BOX_FORMATS,
+    DetectionsError,
+    parse_detections,
+    read_detections,
+    to_xyxy,
+)
 from .engine import Targets, validation_inputs
 from .fileio import write_json
 from .masks import GroundTruthMasks
@@ -80,6 +86,7 @@ def cases_from_rows(rows: list, split: SplitData, box_format: str, refined: bool
     scored against the object of its image it overlaps most (at least `match_iou`); and what was left
     out, by reason."""
     objects_of = split.objects_by_image()
+    truth_of = {image: np.array([split.objects[k].box for k in mine]) for image, mine in objects_of.items()}
     detections, problems = parse_detections(rows, box_format)
     skipped = Counter("malformed_row" for _ in problems)
     cases = []
@@ -101,7 +108,7 @@ def cases_from_rows(rows: list, split: SplitData, box_format: str, refined: bool
                 continue
             predicted = row.get("iou_pred")
         mine = objects_of.get(image, [])
-        best, iou = best_overlap(np.array([before]), np.array([split.objects[k].box for k in mine]))
+        best, iou = best_overlap(np.array([before]), truth_of.get(image, np.zeros((0, 4))))
         target = mine[int(best[0])] if best[0] >= 0 and iou[0] >= match_iou else -1
         score, category = row.get("score", 1.0), row.get("category_id")
         cases.append(Case(image, target, np.array(before), None if after is None else np.array(after),
@@ -133,7 +140,7 @@ def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], wit
                    ap: bool = False) -> dict:
     """Score every case against its object, by group and (main group) by category; with `with_masks`
     also HQ-SAM's masks from both boxes of the main group; with `ap`, COCO box AP of the input and the
-    refined boxes (false positives included) on the images the cases lie on."""
+    refined boxes (false positives included) on every image of the split that could be read."""
     by_image: dict[int, list[Case]] = {}
     for case in cases:
         by_image.setdefault(case.image, []).append(case)

@@ -12,7 +12,9 @@ import logging
 from collections import Counter, defaultdict
 
 import numpy as np
+import torch
 
+from .boxes import box_iou
 from .data import DataError, SplitData
 from .detections import parse_detections, read_detections
 
@@ -20,14 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of every box of `a` (N, 4) with every box of `b` (M, 4), xyxy."""
+    """(N, M) IoU of every box of `a` (N, 4) with every box of `b` (M, 4), xyxy: `boxes.box_iou` of
+    every pair."""
     a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return inter / np.maximum(union, 1e-12)
+    pairs = box_iou(torch.from_numpy(a).repeat_interleave(len(b), 0), torch.from_numpy(b).repeat(len(a), 1))
+    return pairs.view(len(a), len(b)).numpy()
 
 
 def match_one_to_one(detections: np.ndarray, truth: np.ndarray, min_iou: float) -> list[tuple[int, int, float]]:
@@ -53,7 +52,7 @@ def best_overlap(boxes: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.n
     """For each box, the object it overlaps most and that IoU ((-1, 0) where it overlaps none)."""
     iou = pairwise_iou(boxes, truth)
     if not iou.size:
-        return np.full(len(np.asarray(boxes).reshape(-1, 4)), -1), np.zeros(len(np.asarray(boxes).reshape(-1, 4)))
+        return np.full(len(iou), -1), np.zeros(len(iou))
     best = iou.argmax(axis=1)
     value = iou[np.arange(len(best)), best]
     return np.where(value > 0, best, -1), value

@@ -2,8 +2,9 @@
 
 Mean IoU over matched boxes says how well boxes fit their objects but ignores false positives and
 missed objects; AP counts both. The ground truth is the split's objects (on every image of the split
-that could be read), in the loaded images' pixels; class-aware when every detection names a category of the split
-(`category_id`), else class-agnostic (every box one class), which is how a box refiner is judged.
+that could be read), in the loaded images' pixels; class-aware when every detection names a category
+of the split (`category_id`), else class-agnostic (every box one class), which is how a box refiner
+is judged.
 """
 
 from __future__ import annotations

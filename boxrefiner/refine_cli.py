@@ -26,9 +26,22 @@ import numpy as np
 from PIL import Image
 
 from .config import DataConfig
-from .console import non_negative_float, non_negative_int, positive_int, run_command, setup_logging
-from .data import ImageRecord, SplitData, read_layout
-from .detections import BOX_FORMATS, Detection, DetectionsError, from_xyxy, parse_detections, read_detections
+from .console import (
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_command,
+    setup_logging,
+)
+from .data import ImageNames, SplitData, read_layout
+from .detections import (
+    BOX_FORMATS,
+    Detection,
+    DetectionsError,
+    from_xyxy,
+    parse_detections,
+    read_detections,
+)
 from .fileio import atomic_write, write_json
 from .progress import progress
 from .refiner import STORE_SPLIT, BoxRefiner
@@ -58,10 +71,7 @@ def folder_resolver(folder: Path) -> ImagePaths:
 def split_resolver(split: SplitData) -> ImagePaths:
     """A labelled split's images by file name, or by bare file name where unambiguous (any layout);
     a name not in the split has no file."""
-    def resolve(name: str) -> Path:
-        image = split.image_named(name)
-        return split.images[image].image_path if image is not None else Path(split.split) / "not-in-split" / name
-    return resolve
+    return _resolver([image.image_path for image in split.images], split.image_named, split.split)
 
 
 def layout_resolver(data: DataConfig, split: str) -> ImagePaths:
@@ -69,7 +79,14 @@ def layout_resolver(data: DataConfig, split: str) -> ImagePaths:
     read from its listing only: no annotation is decoded."""
     listed = read_layout(data, split).images
     log.info("split '%s' of the run's %s dataset: %d images", split, data.format, len(listed))
-    return split_resolver(SplitData(split, [ImageRecord(r.file_name, r.path, 0, 0) for r in listed]))
+    return _resolver([r.path for r in listed], ImageNames([r.file_name for r in listed]).find, split)
+
+
+def _resolver(paths: list[Path], find: Callable[[str], int | None], split: str) -> ImagePaths:
+    def resolve(name: str) -> Path:
+        image = find(name)
+        return paths[image] if image is not None else Path(split) / "not-in-split" / name
+    return resolve
 
 
 def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path | ImagePaths, box_format: str = "xyxy",

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .config import DataConfig
 from .fileio import atomic_write, write_json
-from .rle import encode_cvat_rle
+from .rle import encode_cvat_rle, mask_box
 
 SUBSET = "FungiTastic-Mini"
 FULL_LONG_SIDE = 960
@@ -250,9 +250,11 @@ def _paint_mushroom(draw: ImageDraw.ImageDraw, rng: np.random.Generator, shapes:
 
 
 def _tight_box(mask: np.ndarray) -> Box:
-    """Smallest box holding every foreground pixel, in pixel-edge coordinates (right = last column + 1)."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+    """`rle.mask_box`'s tight box of a non-empty mask, in pixel-edge coordinates (right = last column + 1)."""
+    box = mask_box(mask)
+    assert box is not None, "the caller keeps only non-empty masks"
+    left, top, right, bottom = box
+    return float(left), float(top), float(right + 1), float(bottom + 1)
 
 
 def _segmentation(shapes: tuple[Polygon, Polygon], mask: np.ndarray, as_polygon: bool) -> list | dict:
