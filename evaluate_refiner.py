@@ -4,7 +4,7 @@ python evaluate_refiner.py --checkpoint checkpoints/demo/best_model.pth"""
 
 import sys
 
-from boxrefiner.evaluation import main
+from boxrefiner.cli.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="evaluate_refiner.py"))

@@ -4,7 +4,7 @@ python refine_boxes.py --checkpoint checkpoints/demo/best_model.pth --images DIR
 
 import sys
 
-from boxrefiner.refine_cli import main
+from boxrefiner.cli.refine import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="refine_boxes.py"))

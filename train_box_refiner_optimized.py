@@ -3,7 +3,7 @@
 
 import sys
 
-from boxrefiner.cli import main
+from boxrefiner.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="train_box_refiner_optimized.py"))

@@ -7,8 +7,6 @@ input_size / max(h, w) and padded right and bottom), so [0, 1] spans the whole e
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 EPS = 1e-7
@@ -34,26 +32,8 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 WORSE_TOLERANCE = 0.005  # "made worse" in the tolerant sense: IoU lower by more than this
 
 
-def iou_summary(before: torch.Tensor, after: torch.Tensor, predicted: torch.Tensor | None = None) -> dict[str, float | None]:
-    """How refinement changed per-box IoUs with the truth (`before`, `after`: (N,) IoUs, boxes or masks):
-    means, share made worse (strictly, and by more than WORSE_TOLERANCE), shares at IoU >= 0.75 and
-    >= 0.9; with `predicted` (the refiner's predicted IoU of each returned box), how well it ranks the
-    boxes (Spearman's rank correlation with the actual IoU)."""
-    before, after = before.double(), after.double()
-    return {"iou_input": before.mean().item(), "iou_refined": after.mean().item(),
-            "worse_rate": (after < before - 1e-6).double().mean().item(),
-            "worse_rate_tol": (after < before - WORSE_TOLERANCE).double().mean().item(),
-            "iou75_input": (before >= 0.75).double().mean().item(), "iou75_refined": (after >= 0.75).double().mean().item(),
-            "iou90_input": (before >= 0.9).double().mean().item(), "iou90_refined": (after >= 0.9).double().mean().item(),
-            "iou_pred_spearman": None if predicted is None else spearman(predicted, after)}
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """Spearman's rank correlation, ties sharing their mean rank (None when undefined: fewer than 2
-    values, or a constant side)."""
-    import pandas as pd
-    value = pd.Series(a.double().cpu().numpy()).rank().corr(pd.Series(b.double().cpu().numpy()).rank())
-    return None if math.isnan(value) else float(value)
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -142,3 +122,25 @@ def hflip_boxes(boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 def hflip_extent(extent: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """After mirroring the padded square, the image lies at [1 - w, 1]: clip to the full square width."""
     return torch.where(flip[:, None], torch.stack([torch.ones_like(extent[:, 0]), extent[:, 1]], dim=1), extent)
+
+
+def _longest(width: float | torch.Tensor, height: float | torch.Tensor, dims: int) -> torch.Tensor:
+    """The longest side per image, shaped to divide boxes of `dims` dimensions (rows first)."""
+    longest = torch.maximum(torch.as_tensor(width, dtype=torch.float64), torch.as_tensor(height, dtype=torch.float64))
+    return longest.reshape(longest.shape + (1,) * (dims - longest.dim())) if longest.dim() else longest
+
+
+def normalise_boxes(boxes: torch.Tensor, width: float | torch.Tensor,
+                    height: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel xyxy boxes -> the head's frame (pixels / the image's longest side), and the image's extent
+    (width, height) in that frame. `width`/`height`: one image's, or one per row of `boxes`. float64."""
+    boxes = boxes.double()
+    longest = _longest(width, height, boxes.dim())
+    extent = torch.stack([torch.as_tensor(width, dtype=torch.float64), torch.as_tensor(height, dtype=torch.float64)], -1)
+    return boxes / longest, extent / _longest(width, height, extent.dim())
+
+
+def pixel_boxes(boxes: torch.Tensor, width: float | torch.Tensor, height: float | torch.Tensor) -> torch.Tensor:
+    """The head's frame -> pixel xyxy boxes (float64), the inverse of normalise_boxes."""
+    boxes = boxes.double()
+    return boxes * _longest(width, height, boxes.dim())

@@ -7,6 +7,7 @@ that names the key (and the closest valid key for a typo).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -15,12 +16,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
+from boxrefiner.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user error in the configuration; its message is one line meant for the terminal."""
 
 
@@ -28,6 +31,10 @@ def _spec(default: Any, *, lo: float | None = None, hi: float | None = None, lo_
           hi_open: bool = False) -> Any:
     """A dataclass field with an allowed numeric range (checked by the loader)."""
     return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
+
+
+ModelType = Literal["vit_tiny", "vit_b", "vit_l", "vit_h"]  # HQ-SAM's image encoders
+Precision = Literal["fp32", "bf16", "fp16"]  # the encoder's compute precision for extraction
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,6 @@ class TrainingConfig:
     max_nonfinite_steps: int = _spec(10, lo=1)  # consecutive NaN/inf losses (each step skipped) before stopping
     patience: int = _spec(10, lo=0)  # stop after this many epochs without a better best_model.pth; 0: never
     use_amp: bool = False
-    feature_cache: bool = True
     # Mirror feature map and boxes together at random: the only augmentation that works on cached
     # features (image-space augmentation cannot). Off by default: on the demo it did not help
     # (val IoU 0.663 vs 0.666 and 0.680 vs 0.667 over two seeds) and cost 40% of a warm epoch.
@@ -121,31 +127,31 @@ class DataConfig:
     data_subset: str = "Mini"
     train_split: str = "train"
     val_split: str = "val"
-    image_size: Union[int, str] = 300  # folder `<image_size>p`, or "fullsize"
-    masks_file: Optional[str] = None
-    sample_ratio: Optional[float] = _spec(None, lo=0, hi=1, lo_open=True)
+    image_size: int | str = 300  # folder `<image_size>p`, or "fullsize"
+    masks_file: str | None = None
+    sample_ratio: float | None = _spec(None, lo=0, hi=1, lo_open=True)
     num_workers: int = _spec(2, lo=0)
     # One level, or a list of levels drawn per object (e.g. near-exact boxes and loose ones, so that
     # the head learns to leave good boxes alone).
-    box_noise: Union[BoxNoiseConfig, tuple[BoxNoiseConfig, ...]] = field(default_factory=lambda: (
+    box_noise: BoxNoiseConfig | tuple[BoxNoiseConfig, ...] = field(default_factory=lambda: (
         BoxNoiseConfig(0.02, 0.03), BoxNoiseConfig(0.1, 0.15), BoxNoiseConfig(0.2, 0.3)))
-    synthetic: Optional[SyntheticDataConfig] = None
-    train_images: Optional[str] = None  # coco: image folders and instances JSONs of both splits
-    train_annotations: Optional[str] = None
-    val_images: Optional[str] = None
-    val_annotations: Optional[str] = None
-    yolo_data: Optional[str] = None  # yolo: data.yaml
+    synthetic: SyntheticDataConfig | None = None
+    train_images: str | None = None  # coco: image folders and instances JSONs of both splits
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    yolo_data: str | None = None  # yolo: data.yaml
     min_box_size: float = _spec(1.0, lo=0)  # objects narrower or lower than this (pixels) are skipped
     # A detector's boxes (refine_boxes.py's input format) as training inputs and validation boxes: each
     # detection is matched one-to-one to an object of its image (highest IoU first, at least
     # detection_match_iou); detection_mix is the share of training boxes of matched objects taken
     # from the detection (with detection_noise jitter on top), the rest being jittered truth.
-    train_detections: Optional[str] = None
-    val_detections: Optional[str] = None
+    train_detections: str | None = None
+    val_detections: str | None = None
     detection_box_format: Literal["xyxy", "xywh"] = "xyxy"
     detection_match_iou: float = _spec(0.3, lo=0, hi=1, lo_open=True)
     detection_mix: float = _spec(0.5, lo=0, hi=1)
-    detection_noise: Optional[BoxNoiseConfig] = None
+    detection_noise: BoxNoiseConfig | None = None
 
     @property
     def noise_levels(self) -> tuple[BoxNoiseConfig, ...]:
@@ -154,13 +160,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class HQSAMConfig:
-    checkpoint: Optional[str] = None
-    model_type: Literal["vit_tiny", "vit_b", "vit_l", "vit_h"] = "vit_h"
+    checkpoint: str | None = None
+    model_type: ModelType = "vit_h"
     allow_random_init: bool = False
     # Encoder input side. Real checkpoints need 1024; smaller sizes are for random-weight tests.
     input_size: int = _spec(1024, lo=64)
     # Precision of cache extraction; part of the cache key because it changes the embedding.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     batch_size: int = _spec(4, lo=1)
 
 
@@ -179,8 +185,8 @@ class FeatureCacheConfig:
     storage_dtype: Literal["float16", "float32"] = "float16"
     # auto: hold a split in the training device's memory when it fits memory_budget_gb (default: half
     # the available RAM; on CUDA, half the free GPU memory); true: always; false: stream from disk.
-    in_memory: Union[bool, Literal["auto"]] = "auto"
-    memory_budget_gb: Optional[float] = _spec(None, lo=0, lo_open=True)
+    in_memory: bool | Literal["auto"] = "auto"
+    memory_budget_gb: float | None = _spec(None, lo=0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -194,10 +200,10 @@ DEFAULT_LEVELS = {"small": (0.03, 0.05), "medium": (0.1, 0.15), "large": (0.2, 0
 @dataclass(frozen=True)
 class EvaluationConfig:
     noise_seed: int = _spec(1234, lo=0)  # fixes the validation input boxes across epochs and runs
-    batch_size: Optional[int] = _spec(None, lo=1)  # default: training.batch_size
+    batch_size: int | None = _spec(None, lo=1)  # default: training.batch_size
     # The run's own validation boxes (metrics without a level suffix). Default: data.box_noise when it
     # is one level, else center_std 0.1 / scale_std 0.15.
-    box_noise: Optional[BoxNoiseConfig] = None
+    box_noise: BoxNoiseConfig | None = None
     # Fixed noise levels every validation (and evaluate_refiner.py) reports: name -> [center_std, scale_std].
     levels: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_LEVELS))
     boxes_per_level: int = _spec(8, lo=1, hi=64)  # fixed input boxes per image and level
@@ -229,8 +235,8 @@ class Config:
 
     @property
     def cache_enabled(self) -> bool:
-        """The cache runs only when both switches allow it (either one can turn it off)."""
-        return self.training.feature_cache and self.optimization.feature_cache.enabled
+        """The one feature-cache switch (`training.feature_cache: false` in a file is folded into it)."""
+        return self.optimization.feature_cache.enabled
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -316,7 +322,7 @@ def _convert(value: Any, tp: Any, key: str, ignored: list[str] | None = None) ->
         if value not in typing.get_args(tp):
             raise ConfigError(f"config key '{key}': must be one of {_type_name(tp)}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, {} if value is None else value, key, ignored)
     if tp is bool:
         if not isinstance(value, bool):
@@ -328,10 +334,8 @@ def _convert(value: Any, tp: Any, key: str, ignored: list[str] | None = None) ->
         return value
     if tp is float:
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -420,8 +424,23 @@ def _cross_check(cfg: Config) -> None:
                           "Ultralytics data.yaml")
 
 
+def fold_aliases(raw: dict) -> dict:
+    """The original tool's second cache switch, `training.feature_cache`, folded into the one switch
+    `optimization.feature_cache.enabled` (either one false turns the cache off). Returns a new dict."""
+    training = raw.get("training")
+    if not isinstance(training, dict) or "feature_cache" not in training:
+        return raw
+    enabled = _convert(training["feature_cache"], bool, "training.feature_cache")
+    out = {**raw, "training": {k: v for k, v in training.items() if k != "feature_cache"}}
+    optimization: dict = out["optimization"] if isinstance(out.get("optimization"), dict) else {}
+    cache: dict = optimization["feature_cache"] if isinstance(optimization.get("feature_cache"), dict) else {}
+    if not enabled:
+        out["optimization"] = {**optimization, "feature_cache": {**cache, "enabled": False}}
+    return out
+
+
 def config_from_dict(raw: dict, ignored: list[str] | None = None) -> Config:
-    cfg = _build(Config, raw, "", ignored)
+    cfg = _build(Config, fold_aliases(raw) if isinstance(raw, dict) else raw, "", ignored)
     _cross_check(cfg)
     return cfg
 
@@ -450,3 +469,69 @@ def load_config(path: str | Path) -> tuple[Config, list[str]]:
 def replace(cfg: Config, section: str, **changes: Any) -> Config:
     """A copy of `cfg` with some keys of one section changed."""
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+def with_cache(cfg: Config, enabled: bool) -> Config:
+    """`cfg` with the feature cache switched on or off."""
+    return replace(cfg, "optimization",
+                   feature_cache=dataclasses.replace(cfg.optimization.feature_cache, enabled=enabled))
+
+
+FAST_SAMPLE_RATIO = 0.1  # the quick-iteration policy's share of the training images
+
+
+def fast_variant(cfg: Config) -> tuple[Config, str]:
+    """The quick-iteration policy: a seeded 10% of the training images, AMP on, the batch doubled (at
+    most 32). Returns the config and a line saying what changed."""
+    batch = min(cfg.training.batch_size * 2, 32)
+    cfg = replace(replace(cfg, "training", use_amp=True, batch_size=batch), "data", sample_ratio=FAST_SAMPLE_RATIO)
+    return cfg, f"sample_ratio={FAST_SAMPLE_RATIO:g}, use_amp=true, batch_size={batch}"
+
+
+def _nest(pair: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (`5`, `true`, `null`, `[1, 2]`)."""
+    key, sep, text = pair.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{pair}': expected dotted.key=value, e.g. training.epochs=5")
+    try:
+        value = yaml.load(text, Loader=_Loader) if text.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{pair}': the value is not valid YAML") from None
+    tree: Any = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def _merge(base: dict, patch: dict) -> dict:
+    """`base` with `patch` laid over it: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_overrides(cfg: Config, pairs: list[str]) -> Config:
+    """`cfg` with command-line `dotted.key=value` overrides applied in order, each validated like a key
+    of the file (a typo names the closest key, a bad value its range)."""
+    for pair in pairs:
+        try:
+            cfg = config_from_dict(_merge(cfg.to_dict(), _nest(pair)))
+        except ConfigError as exc:
+            message = str(exc)
+            raise ConfigError(message if message.startswith("override") else f"override '{pair}': {message}") from None
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML that `load_config` reads back to the same config."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False, default_flow_style=None, width=110)

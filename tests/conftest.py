@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from boxrefiner.allocator import keep_freed_memory  # noqa: E402
-from boxrefiner.synthetic import generate  # noqa: E402
+from boxrefiner.data.synthetic import generate  # noqa: E402  (after the path: a clone runs without install)
+from boxrefiner.utils.allocator import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # as every command does: large blocks are reused, not handed back after each batch
 
@@ -69,11 +69,11 @@ def as_other_user(function, *args):
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             outcome = ("ok", function(*args))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             outcome = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         try:
             payload = pickle.dumps(outcome)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             payload = pickle.dumps(("error", f"unpicklable result: {exc}"))
         os.write(write, payload)
         os._exit(0)

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from boxrefiner.boxes import apply_deltas, box_iou, clip_boxes, generalized_box_iou, jitter_boxes
+from boxrefiner.boxes import (
+    apply_deltas,
+    box_iou,
+    clip_boxes,
+    generalized_box_iou,
+    jitter_boxes,
+)
 
 
 def t(*rows):

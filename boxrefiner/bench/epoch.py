@@ -1,0 +1,112 @@
+"""Where a training epoch's time goes: cache off (encoder in the loop), cache warm, and the head alone.
+
+    boxrefiner bench epoch --config configs/demo.yaml --epochs 3 --cache-off-epochs 1
+
+Runs write to a temporary output folder, never over the config's checkpoints. The head-only time
+runs the same training steps on batches already materialised on the device: the floor that a warm
+epoch can reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from boxrefiner.config import Config, replace, with_cache
+from boxrefiner.data.splits import SplitData
+from boxrefiner.data.targets import Targets
+from boxrefiner.features.sources import FeatureBatch, FeatureBatches, FeatureSources
+from boxrefiner.modeling.build import build_model
+from boxrefiner.train.loop import train_one_epoch
+from boxrefiner.train.precision import amp_precision
+from boxrefiner.train.rng import seed_everything
+from boxrefiner.train.schedule import build_optimization
+from boxrefiner.train.trainer import prepare_splits, train
+
+
+class PreparedBatches(FeatureBatches):
+    """Batches held as ready tensors on the device: no reading, copying or indexing left."""
+
+    def __init__(self, batches: list[FeatureBatch], split: SplitData, batch_size: int):
+        super().__init__(split, batch_size, None)
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        for batch in self.batches:
+            self.cache_reads += len(batch)
+            yield batch
+
+
+def isolated_outputs(cfg: Config, folder: Path) -> Config:
+    """The config with every output (metrics, checkpoints, logs) under `folder`."""
+    return replace(cfg, "output", save_dir=str(folder / "out"), checkpoint_dir=str(folder / "ckpt"),
+                   log_dir=str(folder / "logs"))
+
+
+def head_only_seconds(cfg: Config, device: torch.device, epochs: int) -> list[float]:
+    """Training-pass seconds per epoch with every batch already in memory as float32 on the device."""
+    train_split, val_split = prepare_splits(cfg)
+    seed_everything(cfg.training.seed)
+    model = build_model(cfg).to(device)
+    precision = amp_precision(device, cfg.training.use_amp)
+    sources = FeatureSources(cfg, device, train_split, val_split, precision)
+    targets = Targets.of(train_split)
+    optimizer, scheduler, scaler = build_optimization(cfg, model, len(sources.train), precision)
+    seconds = []
+    for epoch in range(epochs):
+        sources.train_sampler.set_epoch(epoch)
+        batches = PreparedBatches([dataclasses.replace(b, features=b.features.float().clone()) for b in sources.train],
+                                  train_split, cfg.training.batch_size)
+        record, _ = train_one_epoch(model, batches, targets, optimizer, scheduler, scaler, cfg, precision, epoch)
+        assert record is not None  # no stop request here
+        seconds.append(record["epoch_seconds"])
+    return seconds
+
+
+def measure(cfg: Config, device: torch.device, epochs: int = 3, cache_off_epochs: int = 1) -> dict:
+    """The three numbers behind the cache's claim, measured in one process on the same data and seed."""
+    with tempfile.TemporaryDirectory(prefix="boxrefiner-bench-") as tmp:
+        folder = Path(tmp)
+        cached = with_cache(replace(isolated_outputs(cfg, folder / "warm"), "training", epochs=epochs), True)
+        start = time.perf_counter()
+        train(cached, device)  # fills the cache if needed; its epochs are timed below on a warm cache
+        cold_total = time.perf_counter() - start
+        warm = train(isolated_outputs(cached, folder / "warm2"), device)
+        head = head_only_seconds(cached, device, epochs)
+        off = train(with_cache(replace(isolated_outputs(cfg, folder / "off"), "training", epochs=cache_off_epochs), False),
+                    device)
+    result = {
+        "first_run_seconds": cold_total,
+        "warm_epoch_seconds": statistics.median(r["epoch_seconds"] for r in warm),
+        "warm_data_seconds": statistics.median(r["data_seconds"] for r in warm),
+        "head_only_epoch_seconds": statistics.median(head),
+        "cache_off_epoch_seconds": statistics.median(r["epoch_seconds"] for r in off),
+        "train_objects": warm[0]["samples_per_second"] * warm[0]["epoch_seconds"],
+    }
+    result["cache_speedup"] = result["cache_off_epoch_seconds"] / result["warm_epoch_seconds"]
+    result["warm_over_head_only"] = result["warm_epoch_seconds"] / result["head_only_epoch_seconds"]
+    return result
+
+
+def fp16_storage_error(cfg: Config, count: int = 8) -> dict:
+    """How far float16 storage moves the embeddings of a few training images (float32 encoder output)."""
+    from boxrefiner.data.splits import load_rgb
+    from boxrefiner.features.encoder import build_encoder, encoder_identity, preprocess
+    train_split, _ = prepare_splits(cfg)
+    encoder = build_encoder(cfg.hqsam, torch.device("cpu"), encoder_identity(cfg.hqsam))
+    images = torch.stack([preprocess(load_rgb(s.image_path), cfg.hqsam.input_size) for s in train_split.images[:count]])
+    features = encoder.encode(images).numpy()
+    error = np.abs(features.astype(np.float16).astype(np.float32) - features)
+    return {"images": len(images), "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
+            "feature_abs_max": float(np.abs(features).max())}
+
+
+
+

@@ -1,0 +1,110 @@
+"""`boxrefiner bench epoch` (where one training epoch's time goes, on one config) and `boxrefiner bench
+suite` (and `test_optimization_performance.py`: every speed-up side by side, with chart). Benchmarks,
+not unit tests: each writes what it measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from boxrefiner.cli.common import (
+    add_device_argument,
+    positive_int,
+    run_command,
+)
+from boxrefiner.config import (
+    Config,
+    ConfigError,
+    SyntheticDataConfig,
+    load_config,
+    replace,
+)
+from boxrefiner.utils.device import resolve_device
+from boxrefiner.utils.files import write_json
+from boxrefiner.utils.logs import setup_logging
+
+DEMO = Path("configs/demo.yaml")
+QUICK_DATA = {"train_images": 64, "val_images": 16}
+
+
+def epoch_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Measure where a training epoch's time goes.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--epochs", type=positive_int, default=3, help="epochs timed with the cache warm and head-only")
+    parser.add_argument("--cache-off-epochs", type=positive_int, default=1,
+                        help="epochs timed with the encoder in the loop")
+    add_device_argument(parser)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    return parser
+
+
+def run_epoch(argv: Sequence[str] | None, prog: str | None) -> int:
+    from boxrefiner.bench.epoch import fp16_storage_error, measure
+    args = epoch_parser(prog).parse_args(argv)
+    setup_logging()
+    cfg, _ = load_config(args.config)
+    result = measure(cfg, resolve_device(args.device), args.epochs, args.cache_off_epochs)
+    result["fp16_storage"] = fp16_storage_error(cfg)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def suite_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Measure the cache, sampling and AMP speed-ups side by "
+                                                            "side and check the targets.")
+    parser.add_argument("--config", type=Path, default=None, help="base config (default: configs/demo.yaml)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small run: with the demo, 64/16 synthetic images at 512 input; else at most "
+                             "debug.max_samples images per split; 2 epochs")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per variant (default 3, quick 2)")
+    add_device_argument(parser)
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON, table and chart")
+    return parser
+
+
+def suite_config(args: argparse.Namespace, demo: Path = DEMO) -> Config:
+    cfg, _ = load_config(args.config or demo)
+    epochs = args.epochs or (2 if args.quick else 3)
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {epochs}")
+    cfg = replace(cfg, "training", epochs=epochs)
+    if args.quick and args.config is None:  # the embedded default, shrunk
+        cfg = replace(cfg, "data", data_root=str(Path(cfg.data.data_root).parent / "synthetic_quick"),
+                      synthetic=SyntheticDataConfig(**QUICK_DATA, seed=0))
+        cfg = replace(cfg, "hqsam", input_size=512)
+    return cfg
+
+
+def run_suite(argv: Sequence[str] | None, prog: str | None, demo: Path = DEMO) -> int:
+    args = suite_parser(prog).parse_args(argv)
+    cfg = suite_config(args, demo)
+    device = resolve_device(args.device)
+    setup_logging()
+    from boxrefiner.bench.suite import markdown_table, write_outputs
+    from boxrefiner.bench.suite import run_suite as measure_suite
+    from boxrefiner.data.synthetic import ensure_synthetic_data
+    ensure_synthetic_data(cfg)
+    with tempfile.TemporaryDirectory(prefix="boxrefiner-perf-") as work:
+        result = measure_suite(cfg, device, Path(work), debug=args.quick and args.config is not None)
+    paths = write_outputs(result, args.out)
+    print(markdown_table(result))
+    print(f"\nwrote {paths['json']}, {paths['table']}, {paths['chart']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "boxrefiner bench") -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    jobs = {"epoch": run_epoch, "suite": run_suite}
+    if not args or args[0] not in jobs:
+        print(f"usage: {prog} {{epoch,suite}} [options]\n  epoch  where one training epoch's time goes "
+              "(cache off / warm / head alone)\n  suite  every speed-up side by side, with table and chart",
+              file=sys.stderr if args[:1] not in (["-h"], ["--help"]) else sys.stdout)
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
+    job = jobs[args[0]]
+    return run_command(lambda: job(args[1:], f"{prog} {args[0]}"))

@@ -1,0 +1,109 @@
+"""`boxrefiner refine` (and `refine_boxes.py`): detector boxes in, refined boxes (and HQ-SAM masks) out.
+
+    boxrefiner refine --checkpoint checkpoints/demo/best_model.pth (--images DIR | --split val) \\
+        --detections in.json --output out.json [--box-format xywh] [--masks masks/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from boxrefiner.cli.common import (
+    add_device_argument,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
+from boxrefiner.data.detections import (
+    BOX_FORMATS,
+    DetectionsError,
+    read_detections,
+)
+from boxrefiner.infer.apply import (
+    ImagePaths,
+    layout_resolver,
+    refine_rows,
+)
+from boxrefiner.infer.refiner import STORE_SPLIT, BoxRefiner
+from boxrefiner.utils.files import write_json
+from boxrefiner.utils.logs import setup_logging
+
+log = logging.getLogger("boxrefiner")
+LOGGED_PROBLEMS = 20  # rows not refined that are logged one by one
+
+
+def add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a refiner."""
+    parser.add_argument("--checkpoint", required=True, help="refiner checkpoint (best_model.pth or last.pth)")
+    parser.add_argument("--hqsam-checkpoint", help="HQ-SAM checkpoint (default: the training run's hqsam.checkpoint)")
+    parser.add_argument("--cache-dir", help="feature cache to read (default: the training run's)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per encoder batch (default: the run's hqsam.batch_size)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="image-decoding workers")
+    add_device_argument(parser)
+    parser.add_argument("--no-gate", action="store_true",
+                        help="return every box's last iteration, even where the refiner predicts the input is better")
+    parser.add_argument("--keep-margin", type=non_negative_float,
+                        help="predicted IoU gain a refined box needs to replace the input (default: the run's "
+                             "refinement.keep_margin)")
+
+
+def load_refiner(args: argparse.Namespace, **options: Any) -> BoxRefiner:
+    return BoxRefiner.from_checkpoint(args.checkpoint, device=args.device, hqsam_checkpoint=args.hqsam_checkpoint,
+                                      cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                      num_workers=args.num_workers, gate=False if args.no_gate else None,
+                                      keep_margin=args.keep_margin, **options)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Refine detector boxes with a trained box refiner (and prompt HQ-SAM).")
+    add_refiner_arguments(parser)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--images", type=Path, help="folder the detections' file_name values are in")
+    where.add_argument("--split", help="or a split of the run's dataset (any data.format): file_name as its "
+                                       "annotations name the images")
+    parser.add_argument("--detections", required=True, help="JSON list of {file_name, bbox, [score], ...}")
+    parser.add_argument("--output", required=True, help="JSON to write: the same list with refined bbox + bbox_input")
+    parser.add_argument("--box-format", choices=BOX_FORMATS, default="xyxy", help="bbox layout, in and out")
+    parser.add_argument("--masks", type=Path, help="also prompt HQ-SAM with each refined box; write PNG masks here")
+    parser.add_argument("--no-cache", action="store_true", help="always run the encoder")
+    parser.add_argument("--store-features", action="store_true",
+                        help=f"keep features computed here in the cache (folder '{STORE_SPLIT}')")
+    return parser
+
+
+def run(argv: Sequence[str] | None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    setup_logging()
+    rows = read_detections(args.detections)
+    if args.images is not None and not args.images.is_dir():
+        raise DetectionsError(f"--images '{args.images}' is not a folder")
+    refiner = load_refiner(args, read_cache=not args.no_cache, store_features=args.store_features)
+    images: Path | ImagePaths = args.images
+    if args.split is not None:
+        images = layout_resolver(refiner.cfg.data, args.split)
+    report = refine_rows(refiner, rows, images, args.box_format, args.masks)
+    write_json(args.output, report.rows)
+    reasons = report.reasons()
+    summary = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
+    for index, reason in report.problems[:LOGGED_PROBLEMS]:
+        log.warning("row %d: %s", index, reason)
+    if len(report.problems) > LOGGED_PROBLEMS:
+        log.warning("... and %d more rows not refined (each has 'refine_error' in %s)",
+                    len(report.problems) - LOGGED_PROBLEMS, args.output)
+    log.info("refined %d of %d detections on %d images (features: %d from the cache, %d encoded); not refined: %s; "
+             "wrote %s%s", report.refined, len(rows), report.images, refiner.cache_hits, refiner.encoded, summary,
+             args.output, f" and {report.refined} masks in {args.masks}" if args.masks else "")
+    if rows and not report.refined:
+        hint = ("; is --images (or --split) right?" if reasons["missing_image"] else
+                "; is --box-format right?" if reasons["bad_row"] else "")
+        raise DetectionsError(f"none of the {len(rows)} detections could be refined ({summary}){hint}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_command(lambda: run(argv, prog))

@@ -1,0 +1,17 @@
+"""The two kinds of failure a command reports without a traceback.
+
+`UserError`: something the user can fix (a config key, a data file, a checkpoint, a device) — one
+line on stderr, exit code 2. Each layer raises its own subclass (`ConfigError`, `DataError`, ...),
+so callers can tell them apart while the command line handles them all alike.
+`TrainingError`: a run that cannot go on (e.g. the loss stays non-finite) — one line, exit code 1.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A user error; its message is one line meant for the terminal."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); one-line message."""

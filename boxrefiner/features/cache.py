@@ -1,0 +1,467 @@
+"""On-disk `.npy` feature cache: one file per entry, an append-only manifest per split.
+
+    <cache_dir>/.boxrefiner-cache                 marks a cache root this tool created
+    <cache_dir>/<split>/<key[:2]>/<key>.npy       entries (older versions wrote <split>/<key>.npy: still read)
+    <cache_dir>/<split>/manifest/*.jsonl          manifest journals, one per writing process, merged when read
+
+A key hashes the image file's bytes together with the encoder's identity (model type, checkpoint
+content, input size, precision, preprocessing and encoder revision) and the storage dtype, so a
+changed image, checkpoint or preprocessing never gets an old entry. Entries are written atomically
+(temp file + `os.replace`), so concurrent writers and interrupted runs never leave a torn file
+under a real name. An entry that does not read back with the right shape and dtype, or holds
+NaN/inf, is deleted, counted as healed and extracted again by the caller; one this process may not
+read is a miss, never deleted.
+
+The manifest records, per encoder, its identity, storage dtype, entry shape and, per entry, the
+image it came from. Each process appends lines to its own journal (the line before the entry is
+renamed into place, so no entry goes unlisted), which costs O(1) per entry and needs no lock;
+readers merge every journal. Compaction folds finished journals into one file now and then; it only
+ever creates new files and deletes files whose lines it has copied and whose writer is gone, so two
+compactions at once, or a file system that ignores locks, lose nothing. Every journal starts with
+the tool's name: files without it are never read, rewritten or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+import numpy as np
+
+from boxrefiner.config import Config
+from boxrefiner.errors import UserError
+from boxrefiner.features.encoder import (
+    EMBED_DIM,
+    PATCH,
+    EncoderIdentity,
+    encoder_identity,
+)
+from boxrefiner.utils.files import (
+    HOST,
+    atomic_write,
+    json_line,
+    remove_stale_temps,
+    write_json,
+    writer_gone,
+)
+
+log = logging.getLogger(__name__)
+
+TOOL = "boxrefiner"
+MARKER = ".boxrefiner-cache"
+JOURNALS = "manifest"
+LEGACY_MANIFEST = "manifest.json"  # written whole by versions before 0.3; read, never written
+FORMAT = 2
+KEY_LENGTH = 40
+_KEY_FILE = re.compile(r"^[0-9a-f]{%d}\.npy$" % KEY_LENGTH)
+_NPY_HEADER = 128  # bytes numpy writes before the data of a small-header .npy
+_COMPACT_AT = 4  # mergeable journal files before a writer compacts them
+
+
+class CacheError(UserError):
+    """The cache cannot be used as configured (e.g. no room on disk); one-line message."""
+
+
+def cache_tag(identity: EncoderIdentity, storage_dtype: str) -> str:
+    """Names one encoder identity + storage dtype in the manifests."""
+    import hashlib
+    return hashlib.sha256(f"{identity.key}|{np.dtype(storage_dtype).name}".encode()).hexdigest()[:16]
+
+
+def is_marked(root: Path) -> bool:
+    return (root / MARKER).is_file()
+
+
+def mark_root(root: Path) -> None:
+    """Mark a cache root as this tool's when the tool creates it (or finds it empty but for dotfiles
+    such as .gitkeep, or holding only an older version's cache); a folder with other content stays
+    unmarked, and `--clear-cache` then deletes only the entries the manifests list."""
+    if is_marked(root):
+        return
+    if root.is_dir():
+        content = [p for p in root.iterdir() if not p.name.startswith(".")]
+        ours = all(p.is_dir() and ((p / JOURNALS).is_dir() or (p / LEGACY_MANIFEST).is_file()) for p in content)
+        if not ours:
+            log.info("feature cache %s was not created by this tool: clearing it deletes only the entries "
+                     "its manifests list", root)
+            return
+    write_json(root / MARKER, {"tool": TOOL, "format": FORMAT, "created": time.time()})
+
+
+# --- manifest ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderEntries:
+    """One encoder's part of a split's manifest."""
+    info: dict = field(default_factory=dict)  # identity, label, storage_dtype, shape
+    entries: dict[str, dict] = field(default_factory=dict)  # key -> {file, width, height}
+
+
+def _header() -> dict:
+    return {"tool": TOOL, "format": FORMAT, "host": HOST, "pid": os.getpid()}
+
+
+def _read_journal(path: Path) -> list[dict] | None:
+    """The events of one journal file, or None when it is not this tool's. A torn last line (its
+    writer was killed mid-append) is skipped."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or header.get("tool") != TOOL:
+        return None
+    events = []
+    for line in lines[1:]:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("op"), str):
+            events.append(event)
+    return events
+
+
+def _legacy_events(folder: Path) -> list[dict]:
+    """The manifest.json of versions before 0.3, as events older than any journal's."""
+    try:
+        manifest = json.loads((folder / LEGACY_MANIFEST).read_text())
+        encoders = manifest["encoders"]
+        events: list[dict] = []
+        for tag, enc in encoders.items():
+            info = {k: enc[k] for k in ("identity", "label", "storage_dtype", "shape") if k in enc}
+            events.append({"op": "encoder", "tag": str(tag), **info})
+            events += [{"op": "add", "t": 0.0, "tag": str(tag), "key": str(key), **(rec if isinstance(rec, dict) else {})}
+                       for key, rec in dict(enc.get("entries", {})).items()]
+        return events
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, or not the old format
+        return []
+
+
+def merge(events: Iterable[dict]) -> dict[str, EncoderEntries]:
+    """Apply events in time order: `add` lists an entry, `forget` drops a tag's (or, with tag null,
+    every) entry listed before it."""
+    encoders: dict[str, EncoderEntries] = {}
+    forgotten: dict[str | None, float] = {}
+    adds = []
+    for event in events:
+        op, tag = event.get("op"), event.get("tag")
+        if op == "encoder" and isinstance(tag, str):
+            encoders.setdefault(tag, EncoderEntries()).info = {k: v for k, v in event.items() if k not in ("op", "tag")}
+        elif op == "forget" and (tag is None or isinstance(tag, str)):
+            forgotten[tag] = max(forgotten.get(tag, 0.0), float(event.get("t", 0.0)))
+        elif op == "add" and isinstance(tag, str) and isinstance(event.get("key"), str):
+            adds.append(event)
+    for event in adds:
+        tag = event["tag"]
+        if float(event.get("t", 0.0)) < max(forgotten.get(tag, -1.0), forgotten.get(None, -1.0)):
+            continue
+        record = {k: v for k, v in event.items() if k in ("t", "file", "width", "height")}
+        encoders.setdefault(tag, EncoderEntries()).entries[event["key"]] = record
+    return encoders
+
+
+class Manifest:
+    """A split folder's manifest: every journal merged on read; this process appends to its own."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.journals = self.folder / JOURNALS
+        self._file: IO[str] | None = None
+        self._path: Path | None = None
+        self._declared: set[str] = set()
+        self.written = 0  # events this process appended
+
+    def _files(self) -> list[Path]:
+        return sorted(self.journals.glob("*.jsonl")) if self.journals.is_dir() else []
+
+    def _events(self) -> tuple[list[dict], list[Path]]:
+        """Every event of every journal (legacy manifest first), and the journal files read."""
+        for _ in range(5):  # a compaction may delete a file between listing and reading: list again
+            events, files = _legacy_events(self.folder), []
+            try:
+                for path in self._files():
+                    found = _read_journal(path)
+                    if found is not None:
+                        events += found
+                        files.append(path)
+                return events, files
+            except FileNotFoundError:
+                continue
+        raise CacheError(f"feature cache {self.folder}: its manifest keeps changing while being read")
+
+    def read(self) -> dict[str, EncoderEntries]:
+        return merge(self._events()[0])
+
+    def _append(self, events: list[dict]) -> None:
+        if self._file is None:
+            self.journals.mkdir(parents=True, exist_ok=True)
+            self._path = self.journals / f"{HOST}.{os.getpid()}.{time.time_ns()}.jsonl"
+            self._file = open(self._path, "a", encoding="utf-8")  # mode from the umask, like every file here
+            self._file.write(json_line(_header()) + "\n")
+        self._file.write("".join(json_line(e) + "\n" for e in events))  # one write: lines never interleave
+        self._file.flush()
+        self.written += len(events)
+
+    def add(self, tag: str, info: dict, entries: dict[str, dict]) -> None:
+        now = time.time()
+        events = [] if tag in self._declared else [{"op": "encoder", "tag": tag, **info}]
+        self._declared.add(tag)
+        self._append(events + [{"op": "add", "t": now, "tag": tag, "key": key, **rec} for key, rec in entries.items()])
+
+    def forget(self, tag: str | None) -> None:
+        """Every entry of `tag` (None: of every encoder) listed so far is gone."""
+        self._append([{"op": "forget", "t": time.time(), "tag": tag}])
+
+    def close(self, compact: bool = True) -> None:
+        """Close this process's journal; then fold finished journals together when there are enough."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if compact:
+            try:
+                self.compact()
+            except OSError as exc:  # a read-only or vanished folder: the journals stay as they are
+                log.debug("manifest %s not compacted: %s", self.journals, exc)
+
+    def compact(self, force: bool = False) -> bool:
+        """Fold the journals of finished writers (and older compactions) into one new file."""
+        events, files = self._events()
+        mine = self._path
+        done = [p for p in files if p == mine or p.name.startswith("compact.") or _finished(p)]
+        if not done or (len(done) < _COMPACT_AT and not force):
+            return False
+        state = merge(events)
+        lines: list[dict] = []
+        for tag, enc in sorted(state.items()):
+            lines.append({"op": "encoder", "tag": tag, **enc.info})
+            lines += [{"op": "add", "tag": tag, "key": k, **r} for k, r in enc.entries.items()]  # r keeps its t
+        # forgets stay: a journal still being written may hold older lines they must keep hidden
+        forgets: dict[Any, dict] = {}
+        for event in (e for e in events if e.get("op") == "forget"):
+            if float(event.get("t", 0.0)) >= float(forgets.get(event.get("tag"), {}).get("t", -1.0)):
+                forgets[event.get("tag")] = event
+        lines = list(forgets.values()) + lines
+        text = "".join(json_line(e) + "\n" for e in [_header(), *lines]).encode()
+        atomic_write(self.journals / f"compact.{HOST}.{os.getpid()}.{time.time_ns()}.jsonl", lambda f: f.write(text))
+        for path in done:
+            path.unlink(missing_ok=True)
+        return True
+
+
+def _finished(path: Path) -> bool:
+    """Whether a journal's writer can no longer append to it (dead on this host, or silent for a day)."""
+    parts = path.name.split(".")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    try:
+        return writer_gone(parts[0], int(parts[1]), path.stat().st_mtime)
+    except OSError:
+        return False
+
+
+# --- entries ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheStats:
+    """What this process read: bad entries deleted (healed) and bytes of good entries."""
+    healed: int = 0
+    bytes_read: int = 0
+
+
+class FeatureCache:
+    """One split's entries for one encoder identity and storage dtype."""
+
+    def __init__(self, cache_dir: str | Path, split: str, identity: EncoderIdentity, storage_dtype: str = "float16"):
+        self.root = Path(cache_dir)
+        self.dir = self.root / split
+        self.identity = identity
+        self.dtype = np.dtype(storage_dtype)
+        grid = identity.input_size // PATCH
+        self.shape = (EMBED_DIM, grid, grid)
+        self._salt = f"{identity.key}|{self.dtype.name}"
+        self.tag = cache_tag(identity, storage_dtype)
+        self.stats = CacheStats()
+        self.manifest = Manifest(self.dir)
+        self.info = {"identity": asdict(identity), "label": identity.short(), "storage_dtype": self.dtype.name,
+                     "shape": list(self.shape)}
+        self._root_ready = False
+
+    @property
+    def entry_bytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize + _NPY_HEADER
+
+    def key_for(self, image_digest: str) -> str:
+        import hashlib
+        return hashlib.sha256(f"{image_digest}|{self._salt}".encode()).hexdigest()[:KEY_LENGTH]
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def find(self, key: str) -> Path | None:
+        """Where the entry lies: its key-prefix subfolder, or the flat folder of older versions."""
+        for path in (self.path(key), self.dir / f"{key}.npy"):
+            if path.is_file():
+                return path
+        return None
+
+    def _bad(self, path: Path, reason: str, count: bool = True) -> None:
+        log.warning("feature cache: %s is %s; deleting it so that it is extracted again", path, reason)
+        path.unlink(missing_ok=True)
+        self.stats.healed += count
+
+    def load(self, key: str, count: bool = True) -> np.ndarray | None:
+        """The stored array, or None: a miss. A bad entry (unreadable, wrong shape or dtype, NaN/inf) is
+        deleted and counted as healed; one this process may not read is left alone, with a warning.
+
+        DataLoader workers pass count=False: their counters would die with them, so the loader counts."""
+        path = self.find(key)
+        if path is None:
+            return None
+        try:
+            arr = np.load(path)
+        except PermissionError:
+            log.warning("feature cache: %s cannot be read by this user; treating it as missing (not deleting it)", path)
+            return None
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError, EOFError) as exc:
+            self._bad(path, f"unreadable ({exc})", count)
+            return None
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            self._bad(path, f"of shape {arr.shape} {arr.dtype}, expected {self.shape} {self.dtype}", count)
+            return None
+        if not np.isfinite(arr).all():
+            self._bad(path, "not finite (NaN or inf values)", count)
+            return None
+        if count:
+            self.stats.bytes_read += arr.nbytes
+        return arr
+
+    def stored_value(self, features: np.ndarray) -> np.ndarray:
+        """What an entry holds for these features: the storage dtype's rounding."""
+        stored = np.ascontiguousarray(features, dtype=self.dtype)
+        if stored.shape != self.shape:
+            raise ValueError(f"feature shape {stored.shape} does not match the cache's {self.shape}")
+        return stored
+
+    def save(self, key: str, features: np.ndarray, record: dict) -> np.ndarray | None:
+        """Store atomically in the storage dtype and list it in the manifest (`record`: the image's file,
+        width, height); returns exactly what was stored, or None (nothing written) when not finite."""
+        stored = self.stored_value(features)
+        if not np.isfinite(stored).all():
+            return None
+        if not self._root_ready:
+            if not self.root.is_dir():
+                self.root.mkdir(parents=True, exist_ok=True)
+            mark_root(self.root)
+            self._root_ready = True
+        self.manifest.add(self.tag, self.info, {key: record})  # listed first: a kill cannot orphan it
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.save(f, stored))
+        return stored
+
+    def listed(self) -> dict[str, dict]:
+        """This encoder's entries according to the manifest (verified only when read)."""
+        encoder = self.manifest.read().get(self.tag)
+        return encoder.entries if encoder else {}
+
+    def ensure_room(self, missing: int) -> None:
+        """Stop before extraction when the disk cannot hold the entries still to be written."""
+        if missing <= 0:
+            return
+        folder = self.dir
+        while not folder.exists():
+            folder = folder.parent
+        need = missing * self.entry_bytes
+        free = shutil.disk_usage(folder).free
+        if need > free * 0.95:
+            raise CacheError(f"feature cache {self.dir}: {missing} entries need {need / 2**30:.2f} GiB but only "
+                             f"{free / 2**30:.2f} GiB is free; free space, move "
+                             "optimization.feature_cache.cache_dir, or lower data.sample_ratio")
+
+    def remove_stale_temps(self) -> None:
+        files, size = remove_stale_temps(self.dir, recursive=True)
+        if files:
+            log.info("feature cache %s: removed %d temp files (%.1f MiB) left by killed writers", self.dir, files,
+                     size / 2**20)
+
+    def census(self) -> tuple[int, int]:
+        """Entries the manifest lists: (this encoder's, other encoders')."""
+        encoders = self.manifest.read()
+        mine = len(encoders[self.tag].entries) if self.tag in encoders else 0
+        return mine, sum(len(e.entries) for t, e in encoders.items() if t != self.tag)
+
+
+def _entry_files(folder: Path) -> Iterable[Path]:
+    """Files named like this tool's entries in a split folder (flat and key-prefix subfolders)."""
+    for path in folder.glob("*.npy"):
+        if _KEY_FILE.match(path.name):
+            yield path
+    for sub in folder.iterdir():
+        if sub.is_dir() and re.fullmatch(r"[0-9a-f]{2}", sub.name):
+            yield from (p for p in sub.glob("*.npy") if _KEY_FILE.match(p.name) and p.name.startswith(sub.name))
+
+
+def clear_cache(cache_dir: str | Path, tag: str | None = None) -> tuple[int, int]:
+    """Delete entries of one encoder (`tag`, found through the manifests) or, with tag None, of every
+    encoder, in every split; returns (files, bytes). Only this tool's files go: in a cache root it did
+    not create, only the entries its manifests list."""
+    root = Path(cache_dir)
+    files = size = 0
+    if not root.is_dir():
+        return 0, 0
+    marked = is_marked(root)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        manifest = Manifest(folder)
+        encoders = manifest.read()
+        if not encoders and not marked:
+            continue  # nothing of ours here
+        listed = {key for t, enc in encoders.items() if tag is None or t == tag for key in enc.entries}
+        doomed = {p for key in listed for p in (folder / key[:2] / f"{key}.npy", folder / f"{key}.npy")}
+        if tag is None and marked:  # also entries no manifest lists (e.g. from versions without journals)
+            doomed |= set(_entry_files(folder))
+            stale, stale_bytes = remove_stale_temps(folder, recursive=True)
+            files, size = files + stale, size + stale_bytes
+        for path in doomed:
+            try:
+                size += path.stat().st_size
+                path.unlink()
+                files += 1
+            except FileNotFoundError:
+                continue
+        if encoders or listed:
+            manifest.forget(tag)
+            manifest.close()
+    return files, size
+
+
+def read_manifest(folder: Path) -> dict[str, EncoderEntries]:
+    """A split folder's merged manifest (for tools and tests)."""
+    return Manifest(folder).read()
+
+
+def clear_features(cfg: Config, every_encoder: bool) -> None:
+    """Clear the cache: this run's encoder's entries in every split, or (`every_encoder`) every entry."""
+    cache_cfg = cfg.optimization.feature_cache
+    if every_encoder:
+        files, size = clear_cache(cache_cfg.cache_dir)
+        whose = "every encoder"
+    else:
+        identity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
+        files, size = clear_cache(cache_cfg.cache_dir, cache_tag(identity, cache_cfg.storage_dtype))
+        whose = identity.short()
+    log.info("cleared the cache: removed %d feature files (%.1f MiB) of %s from %s", files, size / 2**20, whose,
+             cache_cfg.cache_dir)

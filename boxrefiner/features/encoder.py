@@ -1,0 +1,285 @@
+"""HQ-SAM's frozen image encoder: building it, loading its weights safely, and feeding it exactly
+what `SamPredictor.set_image` would.
+
+The builders of `segment-anything-hq` load checkpoints with `strict=False` and no `map_location`, so a
+wrapped or wrong file silently leaves random weights. Here the encoder is built empty and its
+weights are loaded and checked key by key; random weights only on explicit opt-in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from boxrefiner.config import HQSAMConfig
+from boxrefiner.errors import UserError
+from boxrefiner.utils.files import load_torch_file, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+EMBED_DIM = 256
+PATCH = 16
+# Bump when preprocessing changes: it is part of every cache key.
+PREPROCESS_VERSION = "pil-bilinear-longest-side-v1"
+# Bump for a model type when this tool's features of it change (part of every cache key of that type).
+# vit_tiny: before 0.3, TinyViT's attention biases were derived before the weights were loaded, so
+# features from a vit_tiny checkpoint were not the checkpoint's; entries from then are never served.
+ENCODER_REVISIONS = {"vit_tiny": "tinyvit-biases-after-load"}
+RANDOM_INIT_SEED = 0
+VIT_ARGS = {  # embed_dim, depth, num_heads, global_attn_indexes (segment_anything_hq.build_sam)
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+class EncoderError(UserError):
+    """The encoder cannot be built as configured (missing or wrong checkpoint); one-line message."""
+
+
+def hq_modeling():
+    """Import segment_anything_hq's modeling quietly (timm prints deprecation and registry warnings)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Importing from timm")
+        warnings.filterwarnings("ignore", message="Overwriting tiny_vit")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        from segment_anything_hq import modeling
+    return modeling
+
+
+def _tiny_vit_class():
+    class TinyViTAnySize(hq_modeling().TinyViT):  # type: ignore[misc]  # known once segment_anything_hq loads
+        """TinyViT whose `forward_features` uses its own grid size instead of the hard-coded 64."""
+
+        def forward_features(self, x):
+            grid = self.img_size // PATCH
+            x = self.layers[0](self.patch_embed(x))
+            interm_embeddings = []
+            for i in range(1, len(self.layers)):
+                x = self.layers[i](x)
+                if i == 1:
+                    interm_embeddings.append(x.view(x.shape[0], grid, grid, -1))
+            x = x.view(x.shape[0], grid, grid, x.shape[-1]).permute(0, 3, 1, 2)
+            return self.neck(x), interm_embeddings
+
+    return TinyViTAnySize
+
+
+def build_image_encoder(model_type: str, input_size: int = 1024) -> nn.Module:
+    """The image encoder alone (no prompt encoder or mask decoder), in eval mode, random weights."""
+    if model_type == "vit_tiny":
+        encoder = _tiny_vit_class()(
+            img_size=input_size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+            num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
+            use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8)
+    elif model_type in VIT_ARGS:
+        dim, depth, heads, global_idx = VIT_ARGS[model_type]
+        encoder = hq_modeling().ImageEncoderViT(
+            depth=depth, embed_dim=dim, img_size=input_size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=PATCH, qkv_bias=True,
+            use_rel_pos=True, global_attn_indexes=global_idx, window_size=14, out_chans=EMBED_DIM)
+    else:
+        raise EncoderError(f"hqsam.model_type '{model_type}' is not one of {', '.join(MODEL_TYPES)}")
+    encoder.eval()  # TinyViT builds its attention-bias buffers here
+    encoder.requires_grad_(False)
+    return encoder
+
+
+def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an (HQ-)SAM checkpoint, unwrapped from `{'model': ...}`-style wrappers, loaded
+    safely on CPU."""
+    state = load_torch_file(path, EncoderError, "hqsam.checkpoint")
+    for wrapper in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and not any(
+                str(k).startswith("image_encoder.") for k in state):
+            log.info("hqsam.checkpoint: using the state dict stored under '%s'", wrapper)
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict):
+        raise EncoderError(f"hqsam.checkpoint '{path}' holds a {type(state).__name__}, not a state dict")
+    if not any(isinstance(k, str) and k.startswith("image_encoder.") for k in state):
+        raise EncoderError(f"hqsam.checkpoint '{path}' has no 'image_encoder.*' weights: not a SAM/HQ-SAM checkpoint")
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix.` with the prefix removed."""
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def read_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `image_encoder.*` tensors of an (HQ-)SAM checkpoint, prefix removed, loaded safely on CPU."""
+    return submodule_state(read_sam_state(path), "image_encoder")
+
+
+def load_strictly(module: nn.Module, state: dict[str, torch.Tensor], model_type: str, source: str,
+                  part: str = "encoder") -> None:
+    """Load every parameter, present with the right shape and nothing else, or raise a clear error."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    extra = [k for k in state if k not in expected]
+    if missing or wrong or extra:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in
+                 ((missing, "missing"), (wrong, "with another shape"), (extra, "unexpected")) if v]
+        raise EncoderError(f"hqsam.checkpoint '{source}' does not fit hqsam.model_type '{model_type}': "
+                           f"{part} keys {', '.join(parts)}")
+    module.load_state_dict(state, strict=True)
+    # TinyViT's attention derives its bias table (`ab`) from the weights when it is switched to eval;
+    # a table derived before loading would keep the old weights' biases. Derive it again now.
+    module.train(False)
+
+
+_HASH_MEMO = ".checkpoint_hashes.json"
+
+
+def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
+    """Content hash of a (large) file, memoised by path, size and mtime in `memo_dir`."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo_key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo_file = Path(memo_dir) / _HASH_MEMO if memo_dir else None
+    memo: dict[str, str] = {}
+    if memo_file and memo_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            memo = json.loads(memo_file.read_text())
+    if memo_key in memo:
+        return memo[memo_key]
+    memo[memo_key] = sha256_file(path)
+    if memo_file:
+        try:
+            write_json(memo_file, memo)
+        except OSError as exc:  # a read-only cache: hashing again next time is all it costs
+            log.info("checkpoint hash not memoised (%s: %s); it is computed again on the next run", memo_file,
+                     exc.strerror or exc)
+    return memo[memo_key]
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """Everything that changes an embedding; a cache entry is valid only for the same identity."""
+    model_type: str
+    weights: str  # sha256 of the checkpoint file, or the random-init recipe
+    input_size: int
+    precision: str
+    preprocess: str = PREPROCESS_VERSION
+    revision: str = ""  # ENCODER_REVISIONS at the time; "" for identities saved before revisions existed
+
+    @property
+    def key(self) -> str:
+        parts = [self.model_type, self.weights, str(self.input_size), self.precision, self.preprocess]
+        return "|".join(parts + ([self.revision] if self.revision else []))
+
+    @property
+    def current(self) -> bool:
+        """Whether this version of the tool makes these features (preprocessing and encoder code alike)."""
+        return (self.preprocess == PREPROCESS_VERSION
+                and self.revision == ENCODER_REVISIONS.get(self.model_type, ""))
+
+    def short(self) -> str:
+        weights = "random-init" if self.weights.startswith("random-init") else self.weights[:10]
+        return f"{self.model_type}@{weights}/{self.input_size}/{self.precision}"
+
+
+def encoder_identity(cfg: HQSAMConfig, memo_dir: str | Path | None = None) -> EncoderIdentity:
+    """Identify the encoder without building it (the checkpoint is hashed, not loaded)."""
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint)
+        if not path.is_file():
+            raise EncoderError(f"hqsam.checkpoint '{path}' does not exist")
+        weights = file_sha256(path, memo_dir)
+    elif cfg.allow_random_init:
+        weights = f"random-init-seed{RANDOM_INIT_SEED}-torch{torch.__version__}"
+    else:
+        raise EncoderError("hqsam.checkpoint is not set: point it at an HQ-SAM checkpoint "
+                           "(e.g. sam_hq_vit_h.pth), or set hqsam.allow_random_init: true for demos and tests")
+    return EncoderIdentity(cfg.model_type, weights, cfg.input_size, cfg.precision,
+                           revision=ENCODER_REVISIONS.get(cfg.model_type, ""))
+
+
+@contextlib.contextmanager
+def random_init_rng() -> Iterator[None]:
+    """The seeded RNG of every random-weight build: the same recipe always draws the same weights, and
+    the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
+
+
+def autocast_context(device: torch.device, precision: str):
+    """autocast for 'bf16'/'fp16', nothing for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class ImageEncoder:
+    """A frozen HQ-SAM image encoder on a device: (B, 3, S, S) normalised images -> (B, 256, S/16, S/16)."""
+
+    def __init__(self, module: nn.Module, identity: EncoderIdentity, device: torch.device):
+        self.module = module.to(device)
+        self.identity = identity
+        self.device = device
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """Embeddings as float32; `precision` overrides the identity's (the cache-off AMP path)."""
+        return self.encode_with_interm(images, precision)[0]
+
+    @torch.inference_mode()
+    def encode_with_interm(self, images: torch.Tensor, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, 256, g, g) and the early-layer features (B, g, g, D) that HQ-SAM's mask decoder
+        also reads (its `interm_embeddings[0]`), both float32."""
+        with autocast_context(self.device, precision or self.identity.precision):
+            embedding, interm = self.module(images.to(self.device, non_blocking=True))
+        return embedding.float(), interm[0].float()
+
+
+def build_encoder(cfg: HQSAMConfig, device: torch.device, identity: EncoderIdentity) -> ImageEncoder:
+    """Build and load the encoder. Random weights only with hqsam.allow_random_init, and loudly."""
+    if cfg.checkpoint:
+        state = read_encoder_state(cfg.checkpoint)
+        with torch.random.fork_rng(devices=[]):  # its throw-away init must not shift the head's dropout draws
+            module = build_image_encoder(cfg.model_type, cfg.input_size)
+        load_strictly(module, state, cfg.model_type, cfg.checkpoint)
+        log.info("HQ-SAM %s encoder loaded from %s (sha256 %s)", cfg.model_type, cfg.checkpoint, identity.weights[:12])
+    else:
+        with random_init_rng():
+            module = build_image_encoder(cfg.model_type, cfg.input_size)
+        log.warning("!" * 72)
+        log.warning("HQ-SAM %s encoder has RANDOM, UNTRAINED weights (hqsam.allow_random_init: true).", cfg.model_type)
+        log.warning("Its features are not HQ-SAM's: use this for demos and tests only, never for real results.")
+        log.warning("!" * 72)
+    return ImageEncoder(module, identity, device)
+
+
+def resized_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
+    """SAM's ResizeLongestSide: scale the longest side to input_size, round half up."""
+    scale = input_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def preprocess(image: np.ndarray, input_size: int) -> torch.Tensor:
+    """RGB uint8 HxWx3 -> normalised, zero-padded (3, S, S) float32, as SamPredictor.set_image does."""
+    new_h, new_w = resized_shape(image.shape[0], image.shape[1], input_size)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32)
+    normalised = (resized - np.array(PIXEL_MEAN, np.float32)) / np.array(PIXEL_STD, np.float32)
+    out = torch.zeros(3, input_size, input_size)
+    out[:, :new_h, :new_w] = torch.from_numpy(normalised).permute(2, 0, 1)
+    return out

@@ -1,0 +1,570 @@
+"""Where embeddings come from during training: the cache (in memory or streamed) or the encoder.
+
+With the cache on, `warm_up` extracts every missing entry once, in batches, before training. Epochs
+then read only cached values: from one in-memory tensor when the split fits the RAM (or GPU) budget,
+else streamed from the `.npy` files by DataLoader workers. With the cache off, the encoder runs on
+every batch: the original behaviour, kept as the baseline that the speed-ups are measured against.
+
+Entries are per image, batches per object: a batch holds the maps of the images its objects lie on,
+each once, and every object says which one it looks at (`FeatureBatch.image_index`).
+
+An image that stops decoding, or whose features are not finite even when extracted again, is
+excluded with its objects (listed in skipped.jsonl), but they keep their indices: batches are cut
+from the same permutation whether that was found at warm-up or in the middle of a run, so resuming
+stays exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    Sampler,
+    SequentialSampler,
+)
+
+from boxrefiner.config import Config
+from boxrefiner.data.splits import (
+    DECODE_ERRORS,
+    ImageRecord,
+    SplitData,
+    load_rgb,
+    readable,
+)
+from boxrefiner.features.cache import FeatureCache
+from boxrefiner.utils.files import sha256_file
+from boxrefiner.features.encoder import (
+    EncoderIdentity,
+    ImageEncoder,
+    build_encoder,
+    encoder_identity,
+    preprocess,
+)
+from boxrefiner.utils.progress import progress
+from boxrefiner.utils.signals import (
+    StopRequest,
+    ignore_stop_signals,
+    reap_workers_at_exit,
+    stop_signals_blocked,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Decoded, SAM-preprocessed images (decoding and resizing run in DataLoader workers)."""
+
+    def __init__(self, paths: Sequence[Path], input_size: int):
+        self.paths = paths
+        self.input_size = input_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        try:
+            return index, preprocess(load_rgb(self.paths[index]), self.input_size)
+        except DECODE_ERRORS:  # truncated or corrupt: an empty tensor, dropped by the caller
+            log.warning("cannot decode %s; skipping it", self.paths[index])
+            return index, torch.empty(0)
+
+
+def collate_images(batch: list[tuple[int, torch.Tensor]]):
+    good = [(i, t) for i, t in batch if t.numel()]
+    bad = [i for i, t in batch if not t.numel()]
+    images = torch.stack([t for _, t in good]) if good else torch.empty(0)
+    return torch.tensor([i for i, _ in good], dtype=torch.long), images, bad
+
+
+def unique_in_order(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values in order of first appearance, and each value's position among them."""
+    distinct, inverse = torch.unique(values, return_inverse=True)
+    first = torch.full((len(distinct),), len(values), dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(len(values)), "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    return distinct[order], rank[inverse]
+
+
+def batch_images(object_image: torch.Tensor, objects: list[int] | torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's objects as a tensor, the images they lie on (each once, in order of first appearance)
+    and each object's position among those images."""
+    picked = torch.as_tensor(objects, dtype=torch.long)
+    images, inverse = unique_in_order(object_image[picked])
+    return picked, images, inverse
+
+
+@dataclass
+class FeatureBatch:
+    """A batch of objects and their images' embeddings, each image's map once however many objects
+    it holds: object k looks at `features[image_index[k]]`."""
+    objects: torch.Tensor  # (B,) object indices into the split
+    features: torch.Tensor  # (U, C, H, W) on the training device
+    image_index: torch.Tensor  # (B,) row of `features` of each object
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    @property
+    def one_per_image(self) -> bool:
+        """Whether object k looks at features[k] (then the head needs no index)."""
+        return len(self.features) == len(self.objects)
+
+
+def _keep(objects: torch.Tensor, inverse: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The objects where `keep` is set, their new image positions, and which of the batch's images
+    (positions into its per-image tensors) they still look at."""
+    used, inverse = unique_in_order(inverse[keep])
+    return objects[keep], inverse, used
+
+
+class CachedBatchDataset(Dataset):
+    """One batch of objects per item: their images' stored embeddings in the storage dtype, each entry
+    read once; an unreadable entry comes back as zeros, flagged (healed by the loader)."""
+
+    def __init__(self, cache: FeatureCache, keys: Sequence[str], object_image: torch.Tensor):
+        self.cache = cache
+        self.keys = keys
+        self.object_image = object_image
+        self.dtype = torch_dtype(cache.dtype)
+
+    def __len__(self) -> int:
+        return len(self.object_image)
+
+    def __getitem__(self, objects: list[int]):
+        picked, images, inverse = batch_images(self.object_image, objects)
+        stored = [self.cache.load(self.keys[i], count=False) for i in images.tolist()]
+        bad = torch.tensor([entry is None for entry in stored], dtype=torch.bool)
+        features = torch.stack([torch.zeros(self.cache.shape, dtype=self.dtype) if entry is None
+                                else torch.from_numpy(entry) for entry in stored])
+        return picked, images, inverse, features, bad
+
+
+class ImageBatchDataset(Dataset):
+    """One batch of objects per item: their images decoded and preprocessed (each once), and the
+    images that do not decode."""
+
+    def __init__(self, paths: Sequence[Path], input_size: int, object_image: torch.Tensor):
+        self.images = ImageDataset(paths, input_size)
+        self.object_image = object_image
+
+    def __len__(self) -> int:
+        return len(self.object_image)
+
+    def __getitem__(self, objects: list[int]):
+        picked, images, inverse = batch_images(self.object_image, objects)
+        decoded = [self.images[i][1] for i in images.tolist()]
+        bad = torch.tensor([not t.numel() for t in decoded], dtype=torch.bool)
+        good = [t for t in decoded if t.numel()]
+        pixels = torch.stack(good) if good else torch.empty(0)
+        return picked, images, inverse, pixels, bad
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+class EpochShuffle(Sampler):
+    """A permutation that depends only on (seed, epoch): the same order with any number of workers."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Also skip the first `skip` objects of this epoch's order (continuing an interrupted epoch)."""
+        self.epoch = epoch
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator)[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.skip
+
+
+class _StopSafeLoader(DataLoader):
+    """A DataLoader whose workers start with SIGINT/SIGTERM held back (see `stop_signals_blocked`)."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with stop_signals_blocked():
+            return super()._get_iterator()
+
+
+def make_loader(dataset: Dataset, batch_size: int | None, num_workers: int, device: torch.device,
+                sampler: Sampler | None = None, collate_fn=None, persistent: bool = True) -> DataLoader:
+    # A private generator: creating an iterator must not draw from the global RNG, or a run that had
+    # to extract features would initialise and train differently from one that found them cached.
+    if num_workers > 0:
+        reap_workers_at_exit()
+    return _StopSafeLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                           pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+                           collate_fn=collate_fn, generator=torch.Generator().manual_seed(0),
+                           worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+
+
+@dataclass
+class Extraction:
+    """What `extract` did: the stored arrays (with `keep`) and the images it could not store, with why."""
+    stored: dict[int, np.ndarray] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)  # index -> unreadable_image | nonfinite_features
+
+
+def entry_record(image: ImageRecord) -> dict:
+    return {"file": image.file_name, "width": image.width, "height": image.height}
+
+
+def extract(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str], indices: Sequence[int],
+            encoder: ImageEncoder, batch_size: int, num_workers: int, bar_desc: str | None = None,
+            keep: bool = False, stop: StopRequest | None = None) -> Extraction:
+    """Encode the given images and store them. Features that are not finite are encoded once more,
+    alone; if they still are not, nothing is stored and the sample fails. With `stop`, a requested
+    stop ends the work after the batch in hand (every entry written is complete and listed)."""
+    subset = [records[i] for i in indices]
+    loader = make_loader(ImageDataset([s.image_path for s in subset], cache.identity.input_size), batch_size,
+                         num_workers, encoder.device, collate_fn=collate_images, persistent=False)
+    result = Extraction()
+    with progress(total=len(subset), desc=bar_desc, unit="img", disable=bar_desc is None) as bar:
+        for positions, images, bad in loader:
+            result.failed.update((indices[p], "unreadable_image") for p in bad)
+            if len(positions):
+                features = encoder.encode(images).cpu().numpy()
+                for row, (position, feature) in enumerate(zip(positions.tolist(), features)):
+                    index = indices[position]
+                    stored = cache.save(keys[index], feature, entry_record(records[index]))
+                    if stored is None:
+                        again = encoder.encode(images[row:row + 1]).cpu().numpy()[0]
+                        stored = cache.save(keys[index], again, entry_record(records[index]))
+                    if stored is None:
+                        log.warning("%s: its features are not finite (NaN or inf), also when encoded again; "
+                                    "leaving the image out", records[index].image_path)
+                        result.failed[index] = "nonfinite_features"
+                    elif keep:
+                        result.stored[index] = stored
+            bar.update(len(positions) + len(bad))
+            if stop is not None:
+                stop.check("feature extraction")
+    return result
+
+
+def warm_up(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str],
+            get_encoder: Callable[[], ImageEncoder], batch_size: int, num_workers: int,
+            stop: StopRequest | None = None) -> tuple[int, int, dict[int, str]]:
+    """Extract every entry the manifest does not list; returns (found, extracted, failed images).
+
+    Listed entries are trusted here and verified when read; an entry on disk that no manifest lists
+    (written by a version before journals) is listed now instead of extracted again."""
+    listed = cache.listed()
+    missing, unlisted, queued = [], {}, set()
+    for i, key in enumerate(keys):
+        if key in listed or key in queued:
+            continue
+        if cache.find(key) is not None:
+            unlisted[key] = entry_record(records[i])
+        else:
+            missing.append(i)
+            queued.add(key)
+    if unlisted:
+        try:
+            cache.manifest.add(cache.tag, cache.info, unlisted)
+        except OSError as exc:  # a read-only cache: they are found by key all the same
+            log.debug("cannot list %d entries in %s: %s", len(unlisted), cache.dir, exc)
+    hits = len(keys) - len(missing)
+    log.info("feature cache %s: %d of %d entries present (%.0f%%), %d to extract%s", cache.dir, hits, len(keys),
+             100.0 * hits / max(1, len(keys)), len(missing),
+             f" ({len(missing) * cache.entry_bytes / 2**20:.0f} MiB)" if missing else "")
+    cache.ensure_room(len(missing))
+    failed: dict[int, str] = {}
+    try:
+        if missing:
+            cache.remove_stale_temps()
+            failed = extract(cache, records, keys, missing, get_encoder(), batch_size, num_workers,
+                             bar_desc=f"Extracting {cache.dir.name}", stop=stop).failed
+    finally:
+        cache.manifest.close()
+    failed_keys = {keys[i]: reason for i, reason in failed.items()}  # copies of a failed image fail with it
+    extracted = sum(keys[i] not in failed_keys for i in missing)
+    return hits, extracted, {i: failed_keys[k] for i, k in enumerate(keys) if k in failed_keys}
+
+
+def available_memory() -> int:
+    """Bytes of RAM the kernel says are available without swapping."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def object_batches(size: int, batch_size: int, sampler: Sampler | None) -> BatchSampler:
+    """Batches of object indices: the sampler's order (the split's order without one), cut in turn."""
+    return BatchSampler(sampler if sampler is not None else SequentialSampler(range(size)), batch_size, drop_last=False)
+
+
+class FeatureBatches:
+    """Common interface: iterate FeatureBatch (objects, their images' embeddings on the device); count
+    where the features came from."""
+
+    from_cache = True
+
+    def __init__(self, split: SplitData, batch_size: int, sampler: Sampler | None):
+        self.split = split
+        self.batch_size = batch_size
+        self.size = len(split.objects)
+        self.sampler = sampler
+        self.object_image = split.object_image
+        self.cache_reads = 0  # objects whose features were served from the cache, cumulative
+        self.maps_read = 0  # image entries read from disk while training, cumulative
+        self.encoded = 0  # objects whose features the encoder computed while training (cache off, or a broken entry)
+        self.healed = 0  # entries found bad while reading and extracted again, cumulative
+
+    def __len__(self) -> int:
+        return (self.size + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        raise NotImplementedError
+
+    def _usable(self, objects: torch.Tensor) -> torch.Tensor:
+        """Rows of a batch whose image is not excluded."""
+        if not self.split.excluded:
+            return torch.ones(len(objects), dtype=torch.bool)
+        return torch.tensor([int(i) not in self.split.excluded for i in self.object_image[objects]], dtype=torch.bool)
+
+
+class InMemoryFeatures(FeatureBatches):
+    """The whole split's images in one tensor (float32 when it fits, else the storage dtype), indexed per batch."""
+
+    def __init__(self, store: torch.Tensor, split: SplitData, batch_size: int, device: torch.device,
+                 sampler: Sampler | None = None):
+        super().__init__(split, batch_size, sampler)
+        self.store = store
+        self.device = device
+
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        for objects in object_batches(self.size, self.batch_size, self.sampler):
+            picked = torch.tensor(objects, dtype=torch.long)
+            picked, images, inverse = batch_images(self.object_image, picked[self._usable(picked)])
+            batch = self.store.index_select(0, images.to(self.store.device))
+            self.cache_reads += len(picked)
+            yield FeatureBatch(picked, batch.to(self.device, non_blocking=True), inverse)
+
+
+Healer = Callable[[list[int]], dict[int, np.ndarray]]
+
+
+class StreamedFeatures(FeatureBatches):
+    """Entries read from disk by DataLoader workers, a batch of objects per item; an entry that turns
+    out bad is re-extracted here."""
+
+    def __init__(self, cache: FeatureCache, keys: Sequence[str], split: SplitData, heal: Healer, batch_size: int,
+                 num_workers: int, device: torch.device, sampler: Sampler | None = None):
+        super().__init__(split, batch_size, sampler)
+        self.loader = make_loader(CachedBatchDataset(cache, keys, self.object_image), None, num_workers, device,
+                                  object_batches(self.size, batch_size, sampler))
+        self.heal = heal
+        self.device = device
+
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        for objects, images, inverse, features, bad in self.loader:
+            objects, inverse, used = _keep(objects, inverse, self._usable(objects))
+            images, features, bad = images[used], features[used], bad[used]
+            lost = torch.zeros(len(images), dtype=torch.bool)
+            broken = bad.nonzero().flatten().tolist()
+            if broken:
+                fresh = self.heal([int(images[p]) for p in broken])
+                for p in broken:
+                    if int(images[p]) in fresh:
+                        features[p] = torch.from_numpy(fresh[int(images[p])])
+                    else:
+                        lost[p] = True
+                self.healed += len(broken)
+                self.encoded += int(bad[inverse].sum())
+            self.cache_reads += int((~bad[inverse]).sum())
+            self.maps_read += int((~bad).sum())
+            if bool(lost.any()):
+                objects, inverse, used = _keep(objects, inverse, ~lost[inverse])
+                features = features[used]
+            yield FeatureBatch(objects, features.to(self.device, non_blocking=True), inverse)
+
+
+class EncodedFeatures(FeatureBatches):
+    """The encoder on every batch (cache off)."""
+
+    from_cache = False
+
+    def __init__(self, split: SplitData, encoder: ImageEncoder, precision: str | None, batch_size: int,
+                 num_workers: int, sampler: Sampler | None = None):
+        super().__init__(split, batch_size, sampler)
+        dataset = ImageBatchDataset([s.image_path for s in split.images], encoder.identity.input_size, self.object_image)
+        self.loader = make_loader(dataset, None, num_workers, encoder.device, object_batches(self.size, batch_size, sampler))
+        self.encoder = encoder
+        self.precision = precision
+
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        for objects, images, inverse, pixels, bad in self.loader:
+            for image in images[bad].tolist():  # images were checked before training; one that broke since cannot stop a run
+                self.split.exclude(image, "unreadable_image")
+            if not bool(self._usable(objects).any()):  # an empty batch: the schedule still counts its step
+                empty = objects[:0]
+                yield FeatureBatch(empty, torch.empty((0, *pixels.shape[1:])), empty)
+                continue
+            features = self.encoder.encode(pixels, self.precision)  # the decodable images, in order
+            decoded = images[~bad]
+            finite = torch.isfinite(features).flatten(1).all(dim=1).cpu()
+            for image in decoded[~finite].tolist():
+                log.warning("%s: its features are not finite (NaN or inf); leaving the image out",
+                            self.split.images[image].image_path)
+                self.split.exclude(image, "nonfinite_features")
+            rows = torch.full((len(images),), -1, dtype=torch.long)
+            rows[(~bad).nonzero().flatten()] = torch.arange(len(decoded))
+            objects, inverse, used = _keep(objects, rows[inverse], self._usable(objects))
+            self.encoded += len(objects)
+            yield FeatureBatch(objects, features[used.to(features.device)], inverse)
+
+
+class FeatureSources:
+    """Train/val feature batches plus the encoder, which is built only if something needs it."""
+
+    def __init__(self, cfg: Config, device: torch.device, train: SplitData, val: SplitData, amp: str,
+                 stop: StopRequest | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.stop = stop
+        cache_cfg = cfg.optimization.feature_cache
+        self.identity: EncoderIdentity = encoder_identity(cfg.hqsam, memo_dir=cache_cfg.cache_dir)
+        self._encoder: ImageEncoder | None = None
+        self.caches: dict[str, FeatureCache] = {}
+        self.found = 0  # entries present in the cache when the run started
+        self.extracted = 0  # entries extracted before training
+        batch_sizes = (cfg.training.batch_size, cfg.evaluation.batch_size or cfg.training.batch_size)
+        self.train_sampler = EpochShuffle(len(train.objects), cfg.training.seed)
+        self.train: FeatureBatches
+        self.val: FeatureBatches
+        if cfg.cache_enabled:
+            self._budget = self._memory_budget()
+            self.train = self._cached(train, batch_sizes[0], self.train_sampler)
+            self.val = self._cached(val, batch_sizes[1], None)
+            log.info("feature cache on: epochs read cached features only%s",
+                     "" if self._encoder else "; the HQ-SAM encoder was never built (every feature was cached)")
+        else:
+            for split in (train, val):  # decode every image once, so that a corrupt one cannot stop an epoch
+                for i, image in enumerate(split.images):
+                    if not readable(image.image_path):
+                        split.exclude(i, "unreadable_image")
+            precision = amp if amp != "fp32" else None
+            self.train, self.val = (EncodedFeatures(split, self.encoder, precision, b, cfg.data.num_workers, s)
+                                    for split, b, s in zip((train, val), batch_sizes, (self.train_sampler, None)))
+            log.info("feature cache off: the encoder runs on every batch of every epoch (baseline mode)%s",
+                     f", under {amp} autocast" if precision else "")
+
+    def get_cache_stats(self) -> dict:
+        """Warm-up: entries found in the cache at the start and entries extracted then. Training reads:
+        features served from the cache and features the encoder computed (cache off, or an entry that
+        broke), their hit rate, entries healed, and bytes of entries read from disk."""
+        batches = (self.train, self.val)
+        streamed = [b for b in batches if isinstance(b, StreamedFeatures)]
+        entry = max((int(np.prod(c.shape)) * c.dtype.itemsize for c in self.caches.values()), default=0)
+        served, encoded = sum(b.cache_reads for b in batches), sum(b.encoded for b in batches)
+        healed = sum(b.healed for b in streamed) + sum(c.stats.healed for c in self.caches.values())
+        return {"found": self.found, "extracted": self.extracted, "served": served, "encoded": encoded,
+                "hit_rate": served / (served + encoded) if served + encoded else None, "healed": healed,
+                "bytes_read": sum(c.stats.bytes_read for c in self.caches.values()) + entry * sum(
+                    b.maps_read for b in streamed)}
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        if self._encoder is None:
+            self._encoder = build_encoder(self.cfg.hqsam, self.device, self.identity)
+        return self._encoder
+
+    def _memory_budget(self) -> tuple[str, int]:
+        """Where an in-memory split lives (the training device) and how many bytes it may take there."""
+        setting = self.cfg.optimization.feature_cache
+        if setting.in_memory is False:
+            return "none", 0
+        if setting.memory_budget_gb:
+            return self.device.type, int(setting.memory_budget_gb * 2**30)
+        if self.device.type == "cuda":
+            return "cuda", int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
+        return "cpu", available_memory() // 2
+
+    def _cached(self, split: SplitData, batch_size: int, sampler: Sampler | None) -> FeatureBatches:
+        cache_cfg = self.cfg.optimization.feature_cache
+        cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
+        self.caches[split.split] = cache
+        keys = [cache.key_for(sha256_file(s.image_path)) for s in split.images]
+        if cache_cfg.auto_detect:
+            mine, other = cache.census()
+            log.info("auto-detect %s: %d entries for %s, %d for other encoders", cache.dir, mine,
+                     self.identity.short(), other)
+        found, extracted, failed = warm_up(cache, split.images, keys, lambda: self.encoder, self.cfg.hqsam.batch_size,
+                                           self.cfg.data.num_workers, self.stop)
+        self.found += found
+        self.extracted += extracted
+        for index, reason in sorted(failed.items()):
+            split.exclude(index, reason)
+
+        def heal(indices: list[int]) -> dict[int, np.ndarray]:
+            result = extract(cache, split.images, keys, indices, self.encoder, self.cfg.hqsam.batch_size, 0,
+                             keep=True)
+            for index, reason in sorted(result.failed.items()):
+                log.warning("%s: its cached features broke and cannot be extracted again (%s); leaving it out",
+                            split.images[index].image_path, reason)
+                split.exclude(index, reason)
+            cache.manifest.close(compact=False)
+            return result.stored
+
+        store = self._load_store(cache, keys, split, heal)
+        if store is None:
+            return StreamedFeatures(cache, keys, split, heal, batch_size, self.cfg.data.num_workers, self.device, sampler)
+        return InMemoryFeatures(store, split, batch_size, self.device, sampler)
+
+    def _load_store(self, cache: FeatureCache, keys: Sequence[str], split: SplitData, heal: Healer) -> torch.Tensor | None:
+        """Read every entry into one tensor, when the budget allows; None means stream from disk."""
+        place, budget = self._budget
+        setting = self.cfg.optimization.feature_cache.in_memory
+        per_entry = int(np.prod(cache.shape))
+        dtype = None
+        for candidate in (np.dtype(np.float32), cache.dtype):
+            if len(keys) * per_entry * candidate.itemsize <= budget or (setting is True and candidate == cache.dtype):
+                dtype = candidate
+                break
+        if place == "none" or dtype is None:
+            log.info("%s: %d entries (%.0f MiB) stream from disk (in_memory=%s, budget %.0f MiB)", cache.dir, len(keys),
+                     len(keys) * cache.entry_bytes / 2**20, setting, budget / 2**20)
+            return None
+        size = len(keys) * per_entry * dtype.itemsize
+        self._budget = (place, budget - size)
+        store = torch.zeros((len(keys), *cache.shape), dtype=torch_dtype(dtype), device=self.device)
+        broken = []
+        for i, key in enumerate(progress(keys, desc=f"Loading {cache.dir.name} into memory", unit="entry", leave=False)):
+            if i in split.excluded:
+                continue
+            stored = cache.load(key)
+            if stored is None:
+                broken.append(i)
+            else:
+                store[i] = torch.from_numpy(stored)  # fp16 -> fp32 once per run, not once per epoch
+        for i, stored in heal(broken).items() if broken else ():
+            store[i] = torch.from_numpy(stored)
+        log.info("%s: %d entries held in %s memory as %s (%.0f MiB)", cache.dir, len(keys), place, dtype.name, size / 2**20)
+        return store

@@ -1,0 +1,222 @@
+"""Training: data and features prepared once, then a plain epoch loop.
+
+    prepare_splits -> build_model -> FeatureSources (cache warm-up, or encoder in the loop)
+    -> for each epoch: train_one_epoch, evaluate, log, save last/best, stop early on patience
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from boxrefiner.config import Config
+from boxrefiner.data.splits import DataError, SplitData, describe_layout, load_split
+from boxrefiner.data.targets import InputSet, Targets, validation_inputs
+from boxrefiner.features.sources import FeatureSources
+from boxrefiner.modeling.build import build_model
+from boxrefiner.modeling.checkpoint import LAST, CheckpointError
+from boxrefiner.modeling.head import BoxRefinementModule
+from boxrefiner.train.checkpoint import CheckpointSaver, RunState
+from boxrefiner.train.history import (
+    RunHistory,
+    epoch_summary,
+    out_of_patience,
+    write_skipped,
+)
+from boxrefiner.train.loop import train_one_epoch
+from boxrefiner.train.precision import amp_precision
+from boxrefiner.train.resume import restore, sample_digest, start_run
+from boxrefiner.train.rng import seed_everything
+from boxrefiner.train.runlock import RunLock
+from boxrefiner.train.schedule import build_optimization, realign_schedule
+from boxrefiner.train.validate import evaluate
+from boxrefiner.utils.files import append_jsonl, write_jsonl
+from boxrefiner.utils.signals import Interrupted, StopRequest, stop_requested
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, device: torch.device, resume: str | None = None, debug: bool = False,
+          stop: StopRequest | None = None, allow_rollback: bool = False) -> RunHistory:
+    """Run (or continue) training; returns the metrics of the epochs run now.
+
+    Raises Interrupted after saving when `stop` was requested, TrainingError when it cannot go on."""
+    resumed = start_run(cfg, device, resume, allow_rollback)  # a bad file fails before any slow work
+    if resumed is not None and already_done(cfg, resumed, str(resume)):
+        return RunHistory()
+    with RunLock(cfg.output.checkpoint_dir, cfg.output.save_dir):
+        if stop is not None:
+            stop.arm()  # from here on a signal stops at the next safe point: an extraction batch, a training step
+        return _train_locked(cfg, device, resumed, resume, debug, stop)
+
+
+def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resume: str | None, debug: bool,
+                  stop: StopRequest | None) -> RunHistory:
+    r = setup(cfg, device, resumed, resume, debug, stop)
+    run, run_now = r.state, RunHistory()
+    for epoch in range(run.start_epoch, cfg.training.epochs):
+        continuing = run.partial if run.partial is not None and run.partial.epoch == epoch else None
+        r.sources.train_sampler.set_epoch(epoch, skip=continuing.step * cfg.training.batch_size if continuing else 0)
+        excluded = r.excluded()
+        metrics, progress = train_one_epoch(r.model, r.sources.train, r.train_targets, r.optimizer, r.scheduler,
+                                            r.scaler, cfg, r.precision, epoch, resume=continuing, stop=stop)
+        run.partial = None
+        if metrics is None:  # stopped inside the epoch
+            raise Interrupted(stopped_by(stop), r.saver.save_partial(run, progress))
+        record = {"epoch": epoch, **metrics,
+                  **evaluate(r.model, r.sources.val, r.val_targets, r.val_inputs, cfg, r.precision),
+                  "lr": r.optimizer.param_groups[0]["lr"]}
+        improved = run.record(record)
+        log.info(epoch_summary(record, cfg.training.epochs, improved))
+        run_now.append(record)
+        stopping = stop_requested(stop) and epoch + 1 < cfg.training.epochs
+        r.saver.save_epoch(run, epoch, improved, interrupted=stopping)
+        append_jsonl(r.metrics_path, record)
+        if r.excluded() > excluded:  # a broken cache entry left an image out during the epoch
+            write_skipped(r.skipped_path, r.train_split, r.val_split)
+        if stopping:
+            raise Interrupted(stopped_by(stop), r.saver.folder / LAST)
+        if out_of_patience(cfg, epoch, run.best_epoch):
+            log.info("stopping after epoch %d: no better validation (refined IoU averaged over the levels) for %d "
+                     "epochs (training.patience); the best, %.3f, is epoch %d", epoch, cfg.training.patience,
+                     run.best_iou, run.best_epoch)
+            break
+    finish(cfg, r, run_now)
+    return run_now
+
+
+@dataclass
+class Run:
+    """Everything a run builds before its first epoch."""
+    train_split: SplitData
+    val_split: SplitData
+    model: BoxRefinementModule
+    precision: str
+    sources: FeatureSources
+    train_targets: Targets
+    val_targets: Targets
+    val_inputs: dict[str, InputSet]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    saver: CheckpointSaver
+    state: RunState
+    skipped_path: Path
+    metrics_path: Path
+
+    def excluded(self) -> int:
+        return len(self.train_split.excluded) + len(self.val_split.excluded)
+
+
+def setup(cfg: Config, device: torch.device, resumed: dict | None, resume: str | None, debug: bool,
+          stop: StopRequest | None) -> Run:
+    """Data, model, features, optimizer and (when resuming) the saved state, in the order that keeps a
+    run's random draws the same cold or warm, resumed or not."""
+    train_split, val_split = prepare_splits(cfg, debug)
+    samples = {split.split: sample_digest(split) for split in (train_split, val_split)}
+    if resumed is not None and resumed["samples"] != samples:
+        raise CheckpointError(f"resuming from {resume}: the images, objects or detections of the splits differ from "
+                              "the run's (the debug image cap, data files or skipped images changed; or it was trained "
+                              "before 0.4, which kept FungiTastic's CSV order where images now follow their file "
+                              "names), so it cannot continue exactly; start a new run")
+    seed_everything(cfg.training.seed)
+    model = build_model(cfg).to(device)  # before feature extraction, which must not shift its initialisation
+    precision = amp_precision(device, cfg.training.use_amp)
+    log.info("device %s; training precision %s (training.use_amp: %s)", device, precision,
+             str(cfg.training.use_amp).lower())
+    skipped_path = Path(cfg.output.save_dir) / "skipped.jsonl"
+    sources = FeatureSources(cfg, device, train_split, val_split, precision, stop)  # may exclude samples
+    write_skipped(skipped_path, train_split, val_split)
+    for split in (train_split, val_split):
+        if not split.usable:
+            raise DataError(f"split '{split.split}' has no usable images left (see {skipped_path})")
+    train_targets, val_targets = Targets.of(train_split), Targets.of(val_split)
+    optimizer, scheduler, scaler = build_optimization(cfg, model, len(sources.train), precision)
+    log.info("model: %d trainable parameters, %d iterations, batch size %d, %d steps per epoch",
+             sum(p.numel() for p in model.parameters()), cfg.refinement.max_iter, cfg.training.batch_size,
+             len(sources.train))
+    state = resume_state(cfg, resumed, str(resume), model, optimizer, scheduler, scaler, len(sources.train))
+    metrics_path = Path(cfg.output.save_dir) / "metrics.jsonl"
+    write_jsonl(metrics_path, state.history)  # metrics.jsonl always equals the checkpoint's history, then grows
+    saver = CheckpointSaver(cfg, device, model, optimizer, scheduler, scaler, sources.identity, samples)
+    return Run(train_split, val_split, model, precision, sources, train_targets, val_targets,
+               validation_inputs(cfg, val_targets), optimizer, scheduler, scaler, saver, state, skipped_path,
+               metrics_path)
+
+
+def resume_state(cfg: Config, resumed: dict | None, resume: str, model: BoxRefinementModule,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                 scaler: torch.amp.GradScaler | None, steps_per_epoch: int) -> RunState:
+    """A fresh run's state, or the checkpoint's restored into model, optimizer and schedule."""
+    if resumed is None:
+        last = Path(cfg.output.checkpoint_dir) / LAST
+        if last.exists():
+            log.warning("%s exists from an earlier run and will be replaced (resume from it to continue that run)",
+                        last)
+        return RunState()
+    state = restore(resumed, resume, model, optimizer, scheduler, scaler)
+    partial = state.partial
+    realign_schedule(cfg, optimizer, scheduler, partial.epoch if partial else state.start_epoch,
+                     partial.step if partial else 0, steps_per_epoch)
+    where = f"epoch {partial.epoch}, step {partial.step}" if partial else f"epoch {state.start_epoch}"
+    log.info("resumed from %s: continuing at %s of %d epochs", resume, where, cfg.training.epochs)
+    return state
+
+
+def prepare_splits(cfg: Config, debug: bool = False) -> tuple[SplitData, SplitData]:
+    """Index both splits; train is sampled by data.sample_ratio, both capped by the debug image count."""
+    cap = cfg.debug.max_samples if debug else None
+    train = load_split(cfg.data, cfg.data.train_split, sample_ratio=cfg.data.sample_ratio, max_samples=cap,
+                       seed=cfg.training.seed, detections=cfg.data.train_detections)
+    val = load_split(cfg.data, cfg.data.val_split, max_samples=cap, seed=cfg.training.seed,
+                     detections=cfg.data.val_detections)
+    for split in (train, val):
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(split.skipped.items())) or "none"
+        log.info("%s split: %d objects on %d images used; skipped: %s", split.split, len(split.objects),
+                 len(split.images), reasons)
+        if not split.objects:
+            raise DataError(f"split '{split.split}' has no usable objects (skipped: {reasons}); "
+                            f"{describe_layout(cfg.data)}")
+    if cfg.data.sample_ratio is not None:
+        log.info("data.sample_ratio=%g: training on a seeded random %d-image subset", cfg.data.sample_ratio,
+                 len(train.images))
+    return train, val
+
+
+def already_done(cfg: Config, resumed: dict, resume: str) -> bool:
+    """Whether the checkpoint's run has nothing left to do under this config (said in the log)."""
+    if resumed.get("partial_epoch"):
+        return False
+    done, best = int(resumed["epoch"]), int(resumed["best_epoch"])
+    if done + 1 >= cfg.training.epochs:
+        log.info("%s: this run already finished its %d epochs; raise training.epochs above %d to train further",
+                 resume, done + 1, done + 1)
+        return True
+    if out_of_patience(cfg, done, best):
+        log.info("%s: this run stopped early at epoch %d, %d epochs after its best (training.patience %d); "
+                 "raise training.patience (0: never stop early) to train further", resume, done, done - best,
+                 cfg.training.patience)
+        return True
+    return False
+
+
+def stopped_by(stop: StopRequest | None) -> int:
+    assert stop is not None and stop.signum is not None
+    return stop.signum
+
+
+def finish(cfg: Config, r: Run, run_now: RunHistory) -> None:
+    """The run's last log lines: cache statistics and where the results are."""
+    if cfg.cache_enabled:
+        stats = run_now.cache_stats = r.sources.get_cache_stats()
+        rate = "-" if stats["hit_rate"] is None else f"{100 * stats['hit_rate']:.1f}%"
+        log.info("feature cache: warm-up found %d entries and extracted %d; training read %d features from the cache "
+                 "and encoded %d (hit rate %s), %d healed, %.1f MiB read from disk", stats["found"], stats["extracted"],
+                 stats["served"], stats["encoded"], rate, stats["healed"], stats["bytes_read"] / 2**20)
+    run_now.best = r.state.best_record()
+    if run_now:
+        log.info("done: best val IoU %.3f at epoch %d; checkpoints in %s, metrics in %s", r.state.best_iou,
+                 r.state.best_epoch, r.saver.folder, r.metrics_path)

@@ -1,0 +1,89 @@
+"""Validation: the loss on the run's own boxes, then what inference returns (early stop, gate) for
+every set of fixed input boxes, against the input; counts objects (boxes), not images."""
+
+from __future__ import annotations
+
+import time
+from typing import cast
+
+import torch
+
+from boxrefiner.boxes import (
+    box_iou,
+)
+from boxrefiner.config import Config
+from boxrefiner.data.splits import DataError
+from boxrefiner.data.targets import InputSet, Targets
+from boxrefiner.features.encoder import (
+    autocast_context,
+)
+from boxrefiner.features.sources import FeatureBatches
+from boxrefiner.metrics import iou_summary
+from boxrefiner.modeling.head import BoxRefinementModule
+from boxrefiner.train.loop import training_loss
+from boxrefiner.utils.progress import progress
+
+
+def metric_name(key: str, level: str) -> str:
+    return f"val_{key}_{level}" if level else f"val_{key}"
+
+
+@torch.no_grad()
+def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, inputs: dict[str, InputSet],
+             cfg: Config, precision: str) -> dict[str, float | None]:
+    """The loss on every iteration of the run's own validation boxes (as in training), then, for each
+    set of input boxes, what inference returns (early stop, gate) against the input: IoUs, share
+    made worse, and how well the predicted IoU ranks the boxes. Counts objects (boxes), not images."""
+    model.eval()
+    device = next(model.parameters()).device
+    names = list(inputs)
+    found: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in names}  # before, after, predicted
+    losses = {"loss": 0.0, "l1": 0.0, "giou": 0.0, "quality": 0.0}
+    start, n = time.perf_counter(), 0
+    for batch in progress(loader, desc="Validating", unit="batch", leave=False):
+        if not len(batch):
+            continue
+        objects = batch.objects
+        gt, extent = targets.boxes[objects].to(device), targets.extent[objects].to(device)
+        image_index = batch.image_index.to(device)
+        rows = [inputs[name].rows(objects) for name in names]
+        # every set's boxes of one object side by side, objects in batch order: J boxes per image in a
+        # row is what lets the head read each map once (and gives the same boxes as one set at a time)
+        position = torch.cat([p for _, p in rows])
+        order = torch.argsort(position, stable=True)
+        boxes = torch.cat([inputs[name].boxes[r] for name, (r, _) in zip(names, rows)])[order].to(device)
+        which = torch.cat([torch.full((len(r),), k) for k, (r, _) in enumerate(rows)])[order]
+        position = position[order].to(device)
+        with autocast_context(device, precision):
+            maps = model.context_maps(batch.features)  # once for both passes
+            own = inputs[""].boxes[objects].to(device)
+            trajectory = model(maps, own, extent, widened=True, image_index=None if batch.one_per_image else image_index)
+            loss = training_loss(trajectory, gt, cfg)
+            result = model(maps, boxes, extent[position], stop_threshold=cfg.refinement.stop_threshold,
+                           image_index=image_index[position], widened=True)
+        chosen, predicted, _ = result.select(cfg.refinement.gate, cfg.refinement.keep_margin)
+        truth = gt[position]
+        before, after = box_iou(boxes, truth).cpu(), box_iou(chosen, truth).cpu()
+        predicted = predicted.float().cpu() if predicted is not None else None
+        for k, name in enumerate(names):
+            mine = which == k
+            found[name][0].append(before[mine])
+            found[name][1].append(after[mine])
+            if predicted is not None:
+                found[name][2].append(predicted[mine])
+        for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
+            losses[name] += value.item() * len(objects)
+        n += len(objects)
+    if not n:
+        raise DataError("no validation object is left (every image was excluded); see skipped.jsonl")
+    record: dict[str, float | None] = {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n,
+                                       "val_giou_loss": losses["giou"] / n, "val_quality_error": losses["quality"] / n}
+    for name, (before_parts, after_parts, predicted_parts) in found.items():
+        summary = iou_summary(torch.cat(before_parts), torch.cat(after_parts),
+                              torch.cat(predicted_parts) if predicted_parts else None)
+        record.update({metric_name(key, name): value for key, value in summary.items()})
+    # the selection metric: the levels' mean, with the detector's own boxes as one more level
+    levels = [cast(float, record[metric_name("iou_refined", name)]) for name in names if name]  # a mean: never None
+    record["val_iou_refined_levels"] = sum(levels) / len(levels) if levels else record["val_iou_refined"]
+    record["val_seconds"] = time.perf_counter() - start
+    return record
