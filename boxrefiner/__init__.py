@@ -21,14 +21,14 @@ if TYPE_CHECKING:
     from boxrefiner.config import Config, load_config
     from boxrefiner.infer.refiner import BoxRefiner
     from boxrefiner.modeling.head import BoxRefinementModule
-    from boxrefiner.train.trainer import train
+    from boxrefiner.training.trainer import train
 
 _EXPORTS = {
     "BoxRefiner": "boxrefiner.infer.refiner",
     "BoxRefinementModule": "boxrefiner.modeling.head",
     "Config": "boxrefiner.config",
     "load_config": "boxrefiner.config",
-    "train": "boxrefiner.train.trainer",
+    "train": "boxrefiner.training.trainer",
 }
 __all__ = ["BoxRefinementModule", "BoxRefiner", "Config", "__version__", "load_config", "train"]
 

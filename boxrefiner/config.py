@@ -20,11 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from boxrefiner.errors import UserError
-
-
-class ConfigError(UserError):
-    """A user error in the configuration; its message is one line meant for the terminal."""
+from boxrefiner.errors import ConfigError
 
 
 def _spec(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -488,42 +484,64 @@ def fast_variant(cfg: Config) -> tuple[Config, str]:
     return cfg, f"sample_ratio={FAST_SAMPLE_RATIO:g}, use_amp=true, batch_size={batch}"
 
 
-def _nest(pair: str) -> dict:
-    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (`5`, `true`, `null`, `[1, 2]`)."""
+def _split_pair(pair: str) -> tuple[list[str], str]:
     key, sep, text = pair.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{pair}': expected dotted.key=value, e.g. training.epochs=5")
+    return key.split("."), text
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as YAML (`5`, `true`, `null`, `[1, 2]`, `{a: 1}`); text YAML cannot read
+    (`@x`) stays text."""
     try:
-        value = yaml.load(text, Loader=_Loader) if text.strip() else ""
+        return yaml.load(text, Loader=_Loader) if text.strip() else ""
     except yaml.YAMLError:
-        raise ConfigError(f"override '{pair}': the value is not valid YAML") from None
-    tree: Any = value
-    for part in reversed(key.split(".")):
-        tree = {part: tree}
-    return tree
+        return text
 
 
-def _merge(base: dict, patch: dict) -> dict:
-    """`base` with `patch` laid over it: mappings merge key by key, anything else is replaced."""
-    out = dict(base)
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
+def _set(tree: dict, path: list[str], value: Any, pair: str, done: tuple[str, ...] = ()) -> dict:
+    """A copy of `tree` with the value at `path` replaced (a mapping given whole replaces the whole
+    field, as in a file); missing or null sections on the way become mappings."""
+    out = dict(tree)
+    head, rest = path[0], path[1:]
+    if not rest:
+        out[head] = value
+        return out
+    inner = out.get(head)
+    if isinstance(inner, (list, tuple)):
+        key = ".".join((*done, head))
+        raise ConfigError(f"override '{pair}': config key '{key}' is a list; give the whole list, e.g. {key}=[...]")
+    out[head] = _set(inner if isinstance(inner, dict) else {}, rest, value, pair, (*done, head))
     return out
 
 
 def with_overrides(cfg: Config, pairs: list[str]) -> Config:
     """`cfg` with command-line `dotted.key=value` overrides applied in order, each validated like a key
-    of the file (a typo names the closest key, a bad value its range)."""
+    of the file (a typo names the closest key, a bad value its range). A value read as YAML that the
+    key does not accept is tried as plain text too (`data.data_subset=no` is the text 'no')."""
     for pair in pairs:
         try:
-            cfg = config_from_dict(_merge(cfg.to_dict(), _nest(pair)))
+            cfg = _override(cfg, pair)
         except ConfigError as exc:
             message = str(exc)
             raise ConfigError(message if message.startswith("override") else f"override '{pair}': {message}") from None
     return cfg
+
+
+def _override(cfg: Config, pair: str) -> Config:
+    path, text = _split_pair(pair)
+    value = _parse_value(text)
+    try:
+        return config_from_dict(_set(cfg.to_dict(), path, value, pair))
+    except ConfigError as exc:
+        if isinstance(value, str):
+            raise
+        first = exc
+    try:
+        return config_from_dict(_set(cfg.to_dict(), path, text, pair))
+    except ConfigError:
+        raise first from None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -13,5 +13,10 @@ class UserError(ValueError):
     """A user error; its message is one line meant for the terminal."""
 
 
+class ConfigError(UserError):
+    """A wrong config key, type or value (from the file, the command line or an argument such as the
+    device); its message names the key."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); one-line message."""

@@ -11,10 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "boxrefiner"
-# config -> data -> features -> model -> train / infer -> CLI; a module may import its own layer's
-# package and any lower layer. train and infer share a rank but never import each other.
+# config -> data -> features -> model -> training / infer -> CLI; a module may import its own layer's
+# package and any lower layer. training and infer share a rank but never import each other.
 LAYERS = [{"errors", "version"}, {"utils"}, {"config"}, {"boxes"}, {"metrics"}, {"data"}, {"features"},
-          {"modeling"}, {"train", "infer"}, {"bench"}, {"cli"}, {"__init__", "__main__"}]
+          {"modeling"}, {"training", "infer"}, {"bench"}, {"cli"}, {"__init__", "__main__"}]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 SHIMS = ["train_box_refiner_optimized.py", "run_optimized_training.py", "test_optimization_performance.py",
          "refine_boxes.py", "evaluate_refiner.py"]
@@ -49,7 +49,7 @@ def test_every_module_sits_in_a_layer():
         assert name in RANK, f"{rel}: not in any layer of {LAYERS}"
 
 
-def test_no_module_imports_a_later_layer_and_train_and_infer_stay_apart():
+def test_no_module_imports_a_later_layer_and_training_and_infer_stay_apart():
     wrong = []
     for path in modules():
         rel = path.relative_to(PACKAGE)
@@ -66,8 +66,8 @@ def test_no_module_imports_a_later_layer_and_train_and_infer_stay_apart():
 def test_the_layer_check_catches_a_backward_import(tmp_path):
     """The check itself: a data module importing training is found."""
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from boxrefiner.train.trainer import train\n")
-    assert imports_of(bad) == [(2, "boxrefiner.train.trainer")] and RANK["train"] > RANK["data"]
+    bad.write_text("def f():\n    from boxrefiner.training.trainer import train\n")
+    assert imports_of(bad) == [(2, "boxrefiner.training.trainer")] and RANK["training"] > RANK["data"]
 
 
 def test_no_function_is_longer_than_sixty_lines():

@@ -24,11 +24,11 @@ from boxrefiner.data.splits import SplitData
 from boxrefiner.data.targets import Targets
 from boxrefiner.features.sources import FeatureBatch, FeatureBatches, FeatureSources
 from boxrefiner.modeling.build import build_model
-from boxrefiner.train.loop import train_one_epoch
-from boxrefiner.train.precision import amp_precision
-from boxrefiner.train.rng import seed_everything
-from boxrefiner.train.schedule import build_optimization
-from boxrefiner.train.trainer import prepare_splits, train
+from boxrefiner.training.loop import train_one_epoch
+from boxrefiner.training.precision import amp_precision
+from boxrefiner.training.rng import seed_everything
+from boxrefiner.training.schedule import build_optimization
+from boxrefiner.training.trainer import prepare_splits, train
 
 
 class PreparedBatches(FeatureBatches):

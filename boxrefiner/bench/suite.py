@@ -34,7 +34,7 @@ from boxrefiner.config import (
     replace,
     with_cache,
 )
-from boxrefiner.train.precision import amp_precision
+from boxrefiner.training.precision import amp_precision
 from boxrefiner.utils.files import write_json
 
 VARIANTS = ("baseline", "feature_cache", "sampling", "amp", "combined")
@@ -67,7 +67,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _worker(cfg_dict: dict, device_name: str, debug: bool, queue) -> None:
-    from boxrefiner.train.trainer import train
+    from boxrefiner.training.trainer import train
     from boxrefiner.utils.logs import setup_logging
     setup_logging()
     device = torch.device(device_name)

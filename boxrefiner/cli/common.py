@@ -66,7 +66,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     rest, pairs = split_overrides(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
-    args.overrides = [*pairs, *args.overrides]  # anything left there is not dotted: with_overrides says so
+    args.overrides = [*pairs, *args.overrides]  # anything left there is not dotted.key=value: with_overrides says what
     return args
 
 

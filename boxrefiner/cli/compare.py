@@ -29,7 +29,7 @@ DEMO = Path("configs/demo.yaml")
 
 def run(cfg: Config, device: torch.device, label: str) -> dict:
     """Train with outputs in `<save_dir>/<label>` and `<checkpoint_dir>/<label>`; returns the comparison row."""
-    from boxrefiner.train.trainer import (
+    from boxrefiner.training.trainer import (
         train,  # heavy imports after argument errors are reported
     )
     out = cfg.output

@@ -80,8 +80,11 @@ def apply_flags(cfg: Config, args: argparse.Namespace) -> tuple[Config, list[str
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str], list[str]]:
-    """The file, then the flags, then the `key=value` overrides: (config, ignored legacy keys, notes)."""
+    """The file, then the flags, then the `key=value` overrides: (config, ignored legacy keys, notes).
+    The overrides are laid over the file before the flags too, so that what a flag reads
+    (`debug.epochs`, `training.batch_size`) is the overridden value, and again after them, so they win."""
     cfg, ignored = load_config(args.config)
+    cfg = with_overrides(cfg, args.overrides)
     cfg, notes = apply_flags(cfg, args)
     if args.overrides:
         cfg = with_overrides(cfg, args.overrides)
@@ -115,8 +118,8 @@ def run(argv: Sequence[str] | None, prog: str) -> int:
     if args.clear_cache:
         clear_features(cfg, every_encoder=args.clear_cache == "all")
     # heavy imports after argument errors are reported
-    from boxrefiner.train.resume import RollbackRefused
-    from boxrefiner.train.trainer import train
+    from boxrefiner.training.resume import RollbackRefused
+    from boxrefiner.training.trainer import train
     with StopRequest() as stop:
         try:
             train(cfg, device, resume=resume, debug=args.debug, stop=stop, allow_rollback=args.allow_rollback)

@@ -161,7 +161,7 @@ class BoxRefiner:
         cache_dir = Path(cache_dir if cache_dir is not None else cfg.optimization.feature_cache.cache_dir)
         if read_cache or store_features:
             log.info("feature cache %s%s", cache_dir.resolve(), "" if cache_dir.is_dir() else
-                     " does not exist: every image will be encoded (the cache folder given points elsewhere)")
+                     " does not exist: every image will be encoded")
         return cls(model, identity, cfg, device, hqsam_checkpoint, cache_dir, read_cache, store_features, with_masks,
                    batch_size, num_workers, gate, keep_margin)
 

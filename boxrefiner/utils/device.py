@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from boxrefiner.errors import UserError
+from boxrefiner.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -14,12 +14,12 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"device '{name}': use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"device '{name}': use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+            raise ConfigError(f"device {name}: CUDA is not available on this machine (torch {torch.__version__})")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise ConfigError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     elif device.type != "cpu":
-        raise UserError(f"device '{name}': use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"device '{name}': use auto, cpu, cuda or cuda:N")
     return device

@@ -99,3 +99,38 @@ def test_bench_names_its_two_measurements(capsys):
     assert "epoch" in capsys.readouterr().err
     assert command.main(["bench", "--help"]) == 0
     assert "suite" in capsys.readouterr().out
+
+
+def test_flags_read_the_overridden_values(capsys):
+    """An override reaches what a flag derives from it: --debug takes debug.epochs, --fast the batch size."""
+    assert printed_config(capsys, "--debug", "debug.epochs=1")["training"]["epochs"] == 1
+    assert printed_config(capsys, "--fast", "training.batch_size=4")["training"]["batch_size"] == 4
+
+
+@pytest.mark.parametrize(("override", "key", "expected"), [
+    ("evaluation.levels={tiny: [0.01, 0.02]}", ("evaluation", "levels"), {"tiny": [0.01, 0.02]}),  # replaces, as a file
+    ("data.data_subset=no", ("data", "data_subset"), "no"),  # YAML's false, but the key takes text
+    ("output.save_dir=#run1", ("output", "save_dir"), "#run1"),
+    ("data.synthetic.seed=5", ("data", "synthetic", "seed"), 5),
+])
+def test_an_override_sets_exactly_its_key(capsys, override, key, expected):
+    value = printed_config(capsys, override)
+    for part in key:
+        value = value[part]
+    assert value == expected
+
+
+def test_an_override_into_a_list_asks_for_the_whole_list(capsys):
+    assert train_cli.main(["--config", DEMO, "data.box_noise.center_std=0.3", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: override 'data.box_noise.center_std=0.3': config key "
+                                               "'data.box_noise' is a list; give the whole list, e.g. data.box_noise=[...]")
+
+
+def test_the_public_api_names_the_functions_not_the_subpackages():
+    """`from boxrefiner import train` is the training function, in a fresh interpreter."""
+    code = ("from boxrefiner import BoxRefiner, BoxRefinementModule, Config, load_config, train\n"
+            "import boxrefiner.training.trainer as t\n"
+            "assert callable(train) and train is t.train and BoxRefiner.__name__ == 'BoxRefiner'\n"
+            "import boxrefiner; assert boxrefiner.train is t.train and callable(boxrefiner.load_config)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

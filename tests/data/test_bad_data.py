@@ -10,7 +10,7 @@ from test_fungitastic_layout import CAP, _image
 
 from boxrefiner.config import config_from_dict
 from boxrefiner.data.splits import DataError
-from boxrefiner.train.trainer import train
+from boxrefiner.training.trainer import train
 
 GOOD = ["g1.JPG", "g2.JPG", "g3.JPG"]
 
@@ -59,7 +59,7 @@ def test_every_bad_sample_is_skipped_and_listed(messy_root, tmp_path, cache, cap
 
 
 def test_a_split_left_empty_stops_before_any_model_with_the_layout(messy_root, tmp_path, monkeypatch):
-    from boxrefiner.train import trainer as engine
+    from boxrefiner.training import trainer as engine
     monkeypatch.setattr(engine, "build_model", lambda cfg: pytest.fail("a model was built"))
     masks = messy_root / "masks" / "FungiTastic-Mini-ValidationMasks.parquet"  # no training image has a mask here
     raw = small_config(messy_root, tmp_path, data={"masks_file": str(masks)})

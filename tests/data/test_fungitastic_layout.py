@@ -82,7 +82,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_hand_written_dataset_trains(hand_root, tmp_path):
-    from boxrefiner.train.trainer import train
+    from boxrefiner.training.trainer import train
     cfg = config_from_dict(small_config(hand_root, tmp_path, training={"epochs": 1, "batch_size": 2}))
     history = train(cfg, torch.device("cpu"))
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])

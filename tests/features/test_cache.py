@@ -19,7 +19,7 @@ from boxrefiner.features.cache import (
 )
 from boxrefiner.features.encoder import EncoderIdentity
 from boxrefiner.features.sources import FeatureSources
-from boxrefiner.train.trainer import prepare_splits, train
+from boxrefiner.training.trainer import prepare_splits, train
 
 CPU = torch.device("cpu")
 TIMING = ("epoch_seconds", "data_seconds", "val_seconds", "samples_per_second")

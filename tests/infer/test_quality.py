@@ -15,7 +15,7 @@ from boxrefiner.infer.refiner import BoxRefiner
 from boxrefiner.metrics import iou_summary, spearman
 from boxrefiner.modeling.checkpoint import load_checkpoint
 from boxrefiner.modeling.head import BoxRefinementModule
-from boxrefiner.train.trainer import train
+from boxrefiner.training.trainer import train
 
 CPU = torch.device("cpu")
 
@@ -44,7 +44,7 @@ def test_box_noise_takes_one_level_or_a_weighted_list():
 def test_a_level_name_never_overwrites_another_metric():
     from boxrefiner.config import RESERVED_LEVEL_NAMES
     from boxrefiner.metrics import iou_summary
-    from boxrefiner.train.validate import metric_name
+    from boxrefiner.training.validate import metric_name
     keys = list(iou_summary(torch.rand(4), torch.rand(4), torch.rand(4)))
     own = {metric_name(key, "") for key in keys} | {"val_iou_refined_levels"}
     colliding = {key.split("_", k)[-1] for key in own for k in range(1, key.count("_") + 1)
@@ -152,7 +152,7 @@ def test_keep_margin_one_always_keeps_the_input(levels_run, synthetic_root):
 
 
 def test_patience_stops_a_run_that_stopped_improving(synthetic_root, tmp_path, caplog, monkeypatch):
-    import boxrefiner.train.trainer as engine
+    import boxrefiner.training.trainer as engine
     values = iter([0.5, 0.6, 0.55, 0.58, 0.59, 0.7])
     real = engine.evaluate
     monkeypatch.setattr(engine, "evaluate", lambda *a, **k: {**real(*a, **k), "val_iou_refined_levels": next(values)})

@@ -36,7 +36,7 @@ from boxrefiner.features.sam import (
 from boxrefiner.infer.evaluate import evaluate_cases, jittered_cases
 from boxrefiner.infer.refiner import BoxRefiner
 from boxrefiner.modeling.checkpoint import load_checkpoint
-from boxrefiner.train.trainer import train
+from boxrefiner.training.trainer import train
 
 CPU = torch.device("cpu")
 

@@ -162,7 +162,7 @@ def test_detector_boxes_replace_the_share_of_inputs_that_detection_mix_asks(synt
 
 
 def test_a_checkpoint_from_before_these_keys_resumes_and_a_changed_format_does_not(synthetic_root, tmp_path):
-    from boxrefiner.train.resume import config_changes
+    from boxrefiner.training.resume import config_changes
     current = config_from_dict(small_config(synthetic_root, tmp_path)).to_dict()
     saved = {**current, "data": {k: v for k, v in current["data"].items()
                                  if k not in ("format", "min_box_size", "detection_mix", "train_detections")}}
@@ -175,8 +175,8 @@ def test_a_checkpoint_from_before_these_keys_resumes_and_a_changed_format_does_n
 def test_a_mirrored_image_mirrors_its_objects_detections(synthetic_root, tmp_path, monkeypatch):
     from boxrefiner.boxes import hflip_boxes
     from boxrefiner.modeling.build import build_model
-    from boxrefiner.train import loop
-    from boxrefiner.train.schedule import build_optimization
+    from boxrefiner.training import loop
+    from boxrefiner.training.schedule import build_optimization
     raw = small_config(synthetic_root, tmp_path, training={"hflip": True, "epochs": 1, "batch_size": 8},
                        data={"num_workers": 0})
     cfg = config_from_dict(raw)

@@ -14,7 +14,7 @@ from boxrefiner.data.matching import pairwise_iou
 from boxrefiner.data.splits import load_split
 from boxrefiner.data.synthetic import generate_multi_object
 from boxrefiner.infer.evaluate import cases_from_rows, split_ap
-from boxrefiner.train.trainer import train
+from boxrefiner.training.trainer import train
 
 CPU = torch.device("cpu")
 

@@ -16,8 +16,8 @@ from conftest import ROOT, small_config
 from boxrefiner.config import config_from_dict
 from boxrefiner.errors import TrainingError
 from boxrefiner.modeling.checkpoint import CheckpointError, load_checkpoint
-from boxrefiner.train import loop
-from boxrefiner.train.trainer import train
+from boxrefiner.training import loop
+from boxrefiner.training.trainer import train
 
 CPU = torch.device("cpu")
 TIMING = ("epoch_seconds", "data_seconds", "val_seconds", "samples_per_second")

@@ -11,9 +11,9 @@ from boxrefiner.data.targets import Targets, validation_inputs
 from boxrefiner.features.sources import FeatureSources
 from boxrefiner.modeling.build import build_model
 from boxrefiner.modeling.checkpoint import CheckpointError, load_checkpoint
-from boxrefiner.train import precision
-from boxrefiner.train.trainer import prepare_splits, train
-from boxrefiner.train.validate import evaluate
+from boxrefiner.training import precision
+from boxrefiner.training.trainer import prepare_splits, train
+from boxrefiner.training.validate import evaluate
 
 CPU = torch.device("cpu")
 TIMING = ("epoch_seconds", "data_seconds", "val_seconds", "samples_per_second")
@@ -160,7 +160,7 @@ def test_cpu_amp_without_bf16_kernels_trains_in_fp32_and_says_why(monkeypatch, c
 
 
 def test_feature_dropout_draws_from_the_epoch_generator_only():
-    from boxrefiner.train.loop import drop_channels
+    from boxrefiner.training.loop import drop_channels
     features = torch.ones(3, 64, 4, 4, dtype=torch.float16)
     global_state = torch.get_rng_state()
     a = drop_channels(features, 0.25, torch.Generator().manual_seed(5))

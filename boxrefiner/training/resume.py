@@ -22,10 +22,10 @@ from boxrefiner.modeling.checkpoint import (
     CheckpointError,
     load_checkpoint,
 )
-from boxrefiner.train.checkpoint import RunState
-from boxrefiner.train.history import read_metrics
-from boxrefiner.train.loop import EpochProgress
-from boxrefiner.train.rng import set_rng_state
+from boxrefiner.training.checkpoint import RunState
+from boxrefiner.training.history import read_metrics
+from boxrefiner.training.loop import EpochProgress
+from boxrefiner.training.rng import set_rng_state
 from boxrefiner.utils.files import first_line
 
 log = logging.getLogger(__name__)

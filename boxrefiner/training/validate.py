@@ -20,7 +20,7 @@ from boxrefiner.features.encoder import (
 from boxrefiner.features.sources import FeatureBatches
 from boxrefiner.metrics import iou_summary
 from boxrefiner.modeling.head import BoxRefinementModule
-from boxrefiner.train.loop import training_loss
+from boxrefiner.training.loop import training_loss
 from boxrefiner.utils.progress import progress
 
 

@@ -23,9 +23,9 @@ from boxrefiner.errors import TrainingError
 from boxrefiner.features.encoder import EncoderIdentity
 from boxrefiner.modeling.build import model_arguments
 from boxrefiner.modeling.checkpoint import BEST, LAST, save_checkpoint
-from boxrefiner.train.history import improves
-from boxrefiner.train.loop import EpochProgress
-from boxrefiner.train.rng import rng_state
+from boxrefiner.training.history import improves
+from boxrefiner.training.loop import EpochProgress
+from boxrefiner.training.rng import rng_state
 from boxrefiner.version import __version__
 
 

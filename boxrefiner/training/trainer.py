@@ -19,20 +19,20 @@ from boxrefiner.features.sources import FeatureSources
 from boxrefiner.modeling.build import build_model
 from boxrefiner.modeling.checkpoint import LAST, CheckpointError
 from boxrefiner.modeling.head import BoxRefinementModule
-from boxrefiner.train.checkpoint import CheckpointSaver, RunState
-from boxrefiner.train.history import (
+from boxrefiner.training.checkpoint import CheckpointSaver, RunState
+from boxrefiner.training.history import (
     RunHistory,
     epoch_summary,
     out_of_patience,
     write_skipped,
 )
-from boxrefiner.train.loop import train_one_epoch
-from boxrefiner.train.precision import amp_precision
-from boxrefiner.train.resume import restore, sample_digest, start_run
-from boxrefiner.train.rng import seed_everything
-from boxrefiner.train.runlock import RunLock
-from boxrefiner.train.schedule import build_optimization, realign_schedule
-from boxrefiner.train.validate import evaluate
+from boxrefiner.training.loop import train_one_epoch
+from boxrefiner.training.precision import amp_precision
+from boxrefiner.training.resume import restore, sample_digest, start_run
+from boxrefiner.training.rng import seed_everything
+from boxrefiner.training.runlock import RunLock
+from boxrefiner.training.schedule import build_optimization, realign_schedule
+from boxrefiner.training.validate import evaluate
 from boxrefiner.utils.files import append_jsonl, write_jsonl
 from boxrefiner.utils.signals import Interrupted, StopRequest, stop_requested
 

@@ -23,9 +23,9 @@ from boxrefiner.data.synthetic import generate
 from boxrefiner.features.cache import MARKER, FeatureCache, clear_cache, read_manifest
 from boxrefiner.features.encoder import EncoderIdentity, ImageEncoder
 from boxrefiner.modeling.checkpoint import CheckpointError, load_checkpoint
-from boxrefiner.train import checkpoint as checkpoint_module
-from boxrefiner.train.runlock import LOCK_NAME, RunLockError
-from boxrefiner.train.trainer import train
+from boxrefiner.training import checkpoint as checkpoint_module
+from boxrefiner.training.runlock import LOCK_NAME, RunLockError
+from boxrefiner.training.trainer import train
 from boxrefiner.utils.files import HOST, atomic_write, file_mode, write_json
 
 CPU = torch.device("cpu")
@@ -186,7 +186,7 @@ def test_best_is_written_before_last_and_resuming_an_older_checkpoint_refuses(sy
     raw = small_config(synthetic_root, tmp_path, training={"epochs": 1})
     written = []
     real_save = checkpoint_module.save_checkpoint
-    monkeypatch.setattr("boxrefiner.train.checkpoint.save_checkpoint", lambda state, path: (written.append(Path(path).name),
+    monkeypatch.setattr("boxrefiner.training.checkpoint.save_checkpoint", lambda state, path: (written.append(Path(path).name),
                                                                                    real_save(state, path)))
     train(config_from_dict(raw), CPU)
     assert written == ["best_model.pth", "last.pth"]  # a kill between the two leaves best current

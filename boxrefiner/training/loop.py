@@ -92,17 +92,21 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
     bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False, initial=state.step, total=len(loader))
     for batch in bar:
         state.data_seconds += time.perf_counter() - fetch  # waiting for features: reading, or the encoder
-        if len(batch):  # else every object of this batch was left out: the schedule still counts the step
-            state.fetched += len(batch.objects)
-            step = training_inputs(batch, targets, cfg, generator, device)
-            with autocast_context(device, precision):
-                trajectory = model(step.features, step.inputs, step.extent, image_index=step.image_index)
-            loss = training_loss(trajectory, step.truth, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            if guard.finite(loss.total, epoch, state):
-                optimizer_step(model, optimizer, scaler, loss.total, cfg.training.grad_clip)
-                state.add(loss, len(batch.objects))
-            bar.set_postfix(refresh=False, **state.postfix(loader, reads_before))
+        if not len(batch):  # every object of this batch was left out: the schedule still counts the step
+            scheduler.step()
+            state.step += 1
+            fetch = time.perf_counter()
+            continue
+        state.fetched += len(batch.objects)
+        step = training_inputs(batch, targets, cfg, generator, device)
+        with autocast_context(device, precision):
+            trajectory = model(step.features, step.inputs, step.extent, image_index=step.image_index)
+        loss = training_loss(trajectory, step.truth, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        if guard.finite(loss.total, epoch, state):
+            optimizer_step(model, optimizer, scaler, loss.total, cfg.training.grad_clip)
+            state.add(loss, len(batch.objects))
+        bar.set_postfix(refresh=False, **state.postfix(loader, reads_before))
         scheduler.step()
         state.step += 1
         stopped = stop_requested(stop) and state.step < len(loader)
