@@ -1,7 +1,8 @@
 """The `boxrefiner` command: one entry point, one subcommand per job.
 
     boxrefiner train --config C.yaml [flags] [key=value ...]
-    boxrefiner refine | evaluate | synth | bench epoch | bench suite ...
+    boxrefiner extract | refine | evaluate | synth | bench epoch | bench suite ...
+    torchrun --nproc_per_node N -m boxrefiner train ...   (several processes; see utils/distributed.py)
 
 A subcommand's module is imported only when it runs, so `boxrefiner --help` and argument errors come
 back at once.
@@ -17,6 +18,7 @@ from boxrefiner.version import __version__
 
 COMMANDS = {  # name -> (module with main(argv, prog), one line of help)
     "train": ("boxrefiner.cli.train", "train the refiner on a dataset (cache, AMP, resume, key=value overrides)"),
+    "extract": ("boxrefiner.cli.train:extract_main", "fill the feature cache for both splits and exit (torchrun: sharded)"),
     "refine": ("boxrefiner.cli.refine", "refine detector boxes with a trained refiner (optionally HQ-SAM masks)"),
     "evaluate": ("boxrefiner.cli.evaluate", "measure a trained refiner on a labelled split (IoU, AP, masks)"),
     "synth": ("boxrefiner.cli.synth", "write a synthetic dataset (FungiTastic, or COCO + YOLO with detections)"),
@@ -43,5 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] not in COMMANDS:
         print(f"error: unknown command '{args[0]}'; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[args[0]][0])
-    return int(module.main(args[1:], prog=f"boxrefiner {args[0]}"))
+    module, _, function = COMMANDS[args[0]][0].partition(":")
+    entry = getattr(importlib.import_module(module), function or "main")
+    return int(entry(args[1:], prog=f"boxrefiner {args[0]}"))

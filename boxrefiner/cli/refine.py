@@ -30,6 +30,8 @@ from boxrefiner.infer.apply import (
     refine_rows,
 )
 from boxrefiner.infer.refiner import STORE_SPLIT, BoxRefiner
+from boxrefiner.utils import distributed
+from boxrefiner.utils.device import resolve_device
 from boxrefiner.utils.files import write_json
 from boxrefiner.utils.logs import setup_logging
 
@@ -78,6 +80,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    args.device = str(distributed.init(resolve_device(args.device)))  # under torchrun: this rank's device
     setup_logging()
     rows = read_detections(args.detections)
     if args.images is not None and not args.images.is_dir():
@@ -86,7 +89,14 @@ def run(argv: Sequence[str] | None, prog: str | None = None) -> int:
     images: Path | ImagePaths = args.images
     if args.split is not None:
         images = layout_resolver(refiner.cfg.data, args.split)
-    report = refine_rows(refiner, rows, images, args.box_format, args.masks)
+    try:
+        report = refine_rows(refiner, rows, images, args.box_format, args.masks)
+        hits, encoded = (int(v) for v in distributed.sum_all([refiner.cache_hits, refiner.encoded]))
+        main = distributed.is_main()
+    finally:
+        distributed.close()
+    if not main:  # rank 0 writes the one output, rows in the input's order
+        return 0
     write_json(args.output, report.rows)
     reasons = report.reasons()
     summary = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
@@ -96,7 +106,7 @@ def run(argv: Sequence[str] | None, prog: str | None = None) -> int:
         log.warning("... and %d more rows not refined (each has 'refine_error' in %s)",
                     len(report.problems) - LOGGED_PROBLEMS, args.output)
     log.info("refined %d of %d detections on %d images (features: %d from the cache, %d encoded); not refined: %s; "
-             "wrote %s%s", report.refined, len(rows), report.images, refiner.cache_hits, refiner.encoded, summary,
+             "wrote %s%s", report.refined, len(rows), report.images, hits, encoded, summary,
              args.output, f" and {report.refined} masks in {args.masks}" if args.masks else "")
     if rows and not report.refined:
         hint = ("; is --images (or --split) right?" if reasons["missing_image"] else

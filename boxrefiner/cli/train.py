@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -34,6 +35,7 @@ from boxrefiner.data.synthetic import ensure_synthetic_data
 from boxrefiner.errors import TrainingError
 from boxrefiner.features.cache import clear_features
 from boxrefiner.modeling.checkpoint import LAST, CheckpointError
+from boxrefiner.utils import distributed
 from boxrefiner.utils.device import resolve_device
 from boxrefiner.utils.logs import setup_logging
 from boxrefiner.utils.signals import Interrupted, StopRequest
@@ -55,6 +57,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--allow-rollback", action="store_true",
                         help="let --resume go back to an older checkpoint (e.g. best_model.pth), replacing newer work")
     add_device_argument(parser)
+    parser.add_argument("--extract-only", action="store_true",
+                        help="fill the feature cache for both splits and exit (alone or under torchrun)")
     parser.add_argument("--epochs", type=positive_int, help="override training.epochs")
     parser.add_argument("--batch-size", type=positive_int, help="override training.batch_size")
     add_override_arguments(parser)
@@ -107,27 +111,39 @@ def run(argv: Sequence[str] | None, prog: str) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    device = distributed.init(resolve_device(args.device))  # under torchrun: join the world first
     setup_logging(cfg.output.log_dir)
     for key in ignored:
         log.info("config key '%s' is accepted for compatibility with the original tool but not used", key)
     for note in notes:
         log.info(note)
-    device = resolve_device(args.device)
+    if distributed.world() > 1:
+        log.info("torchrun: %d processes, backend %s; this is rank 0 (device %s); training.batch_size %d is the "
+                 "global batch, %d per process", distributed.world(), distributed.backend(), device,
+                 cfg.training.batch_size, cfg.training.batch_size // distributed.world())
     resume = resolve_resume(args.resume, cfg)
-    ensure_synthetic_data(cfg)
-    if args.clear_cache:
-        clear_features(cfg, every_encoder=args.clear_cache == "all")
+    if distributed.is_main():
+        ensure_synthetic_data(cfg)
+        if args.clear_cache:
+            clear_features(cfg, every_encoder=args.clear_cache == "all")
+    distributed.barrier()  # the other ranks wait for the data and the cleared cache
     # heavy imports after argument errors are reported
     from boxrefiner.training.resume import RollbackRefused
-    from boxrefiner.training.trainer import train
+    from boxrefiner.training.trainer import extract_features, train
     with StopRequest() as stop:
         try:
-            train(cfg, device, resume=resume, debug=args.debug, stop=stop, allow_rollback=args.allow_rollback)
+            if args.extract_only:
+                extract_features(cfg, device, debug=args.debug, stop=stop)
+            else:
+                train(cfg, device, resume=resume, debug=args.debug, stop=stop, allow_rollback=args.allow_rollback)
         except RollbackRefused as exc:
             raise CheckpointError(f"{exc} (--allow-rollback)") from None
         except Interrupted as exc:
-            report_interruption(exc, list(sys.argv[1:] if argv is None else argv), prog)
+            if distributed.is_main():
+                report_interruption(exc, list(sys.argv[1:] if argv is None else argv), prog)
             return 128 + exc.signum
+        finally:
+            distributed.close()
     return 0
 
 
@@ -158,8 +174,19 @@ def resume_command(argv: list[str], checkpoint: Path | None, prog: str = SCRIPT)
         kept.append(arg)
     resume = ["--resume", str(checkpoint)] if checkpoint is not None else []
     command = ["python", prog] if prog.endswith(".py") else prog.split()
+    if distributed.launched():  # the same world again, under torchrun
+        processes = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
+        nodes = int(os.environ.get("WORLD_SIZE", "1")) // max(1, int(processes))
+        launcher = ["torchrun", f"--nproc_per_node={processes}"] + (
+            [f"--nnodes={nodes}", "<the job's --node_rank and --rdzv flags, on every node>"] if nodes > 1 else [])
+        command = [*launcher, *(command[1:] if prog.endswith(".py") else ["-m", "boxrefiner", *command[1:]])]
     return shlex.join([*command, *kept, *resume, *pairs])
 
 
 def main(argv: Sequence[str] | None = None, prog: str = SCRIPT) -> int:
     return run_command(lambda: run(argv, prog), fatal=(TrainingError,))
+
+
+def extract_main(argv: Sequence[str] | None = None, prog: str = "boxrefiner extract") -> int:
+    """`boxrefiner extract`: `train --extract-only`, for a cluster step that fills the cache before training."""
+    return main(["--extract-only", *(sys.argv[1:] if argv is None else argv)], prog)

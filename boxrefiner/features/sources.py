@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +50,15 @@ from boxrefiner.features.encoder import (
     encoder_identity,
     preprocess,
 )
+from boxrefiner.utils import distributed
 from boxrefiner.utils.progress import progress
 from boxrefiner.utils.signals import (
+    Interrupted,
     StopRequest,
     ignore_stop_signals,
     reap_workers_at_exit,
     stop_signals_blocked,
+    stop_requested,
 )
 
 log = logging.getLogger(__name__)
@@ -197,6 +201,55 @@ class EpochShuffle(Sampler):
         return self.size - self.skip
 
 
+class RankShare(Sampler):
+    """This rank's part of each global batch of an EpochShuffle order: global batch k's objects
+    [k*B, (k+1)*B) split into `world` contiguous pieces, piece `rank` for this rank, so that the ranks
+    together train on exactly the one-process batches. A last global batch with fewer objects than
+    ranks is left out (a rank without objects would stall the others' gradient exchange)."""
+
+    def __init__(self, order: EpochShuffle, global_batch: int, rank: int, world: int):
+        self.order, self.global_batch, self.rank, self.world = order, global_batch, rank, world
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.order.set_epoch(epoch, skip)
+
+    @property
+    def objects_per_epoch(self) -> int:
+        return sum(len(p) for p in self._pieces(self.order.size))
+
+    def _pieces(self, size: int) -> list[range]:
+        pieces = []
+        for start in range(0, size, self.global_batch):
+            count = min(self.global_batch, size - start)
+            if count < self.world:
+                break
+            base, extra = divmod(count, self.world)
+            first = start + self.rank * base + min(self.rank, extra)
+            pieces.append(range(first, first + base + (self.rank < extra)))
+        return pieces
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.order)  # the epoch's order after any skipped global batches
+        return iter([order[i] for piece in self._pieces(len(order)) for i in piece])
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._pieces(len(self.order)))
+
+
+class Strided(Sampler):
+    """Every world-th object from this rank's: a disjoint validation shard (each object counted once)."""
+
+    def __init__(self, size: int, rank: int, world: int):
+        self.indices = list(range(rank, size, world))
+        self.objects_per_epoch = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class _StopSafeLoader(DataLoader):
     """A DataLoader whose workers start with SIGINT/SIGTERM held back (see `stop_signals_blocked`)."""
 
@@ -258,8 +311,8 @@ def extract(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
                     elif keep:
                         result.stored[index] = stored
             bar.update(len(positions) + len(bad))
-            if stop is not None:
-                stop.check("feature extraction")
+            if stop_requested(stop):  # every entry written so far is complete and listed
+                break
     return result
 
 
@@ -269,7 +322,38 @@ def warm_up(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
     """Extract every entry the manifest does not list; returns (found, extracted, failed images).
 
     Listed entries are trusted here and verified when read; an entry on disk that no manifest lists
-    (written by a version before journals) is listed now instead of extracted again."""
+    (written by a version before journals) is listed now instead of extracted again. Under torchrun
+    rank 0 decides what is missing and every rank encodes its own disjoint share of it (no image
+    twice, no padding); the counts and failures returned are the whole world's."""
+    plan: tuple[list[int], dict] = _plan(cache, records, keys) if distributed.is_main() else ([], {})
+    missing, unlisted = distributed.broadcast(plan)
+    hits = len(keys) - len(missing)
+    log.info("feature cache %s: %d of %d entries present (%.0f%%), %d to extract%s", cache.dir, hits, len(keys),
+             100.0 * hits / max(1, len(keys)), len(missing),
+             f" ({len(missing) * cache.entry_bytes / 2**20:.0f} MiB)" if missing else "")
+    cache.ensure_room(len(missing))
+    mine = distributed.shard(missing)
+    if distributed.world() > 1 and missing:
+        log.info("distributed extraction: %d ranks, %d images each at most", distributed.world(), len(missing[0::distributed.world()]))
+    failed: dict[int, str] = {}
+    try:
+        if mine:
+            failed = extract(cache, records, keys, mine, get_encoder(), batch_size, num_workers,
+                             bar_desc=f"Extracting {cache.dir.name}" if distributed.is_main() else None, stop=stop).failed
+    finally:
+        cache.manifest.close()
+    if distributed.any_rank(stop_requested(stop)):  # every rank stops here, also one that had finished its share
+        raise Interrupted(distributed.first_set(stop.signum if stop is not None else None) or signal.SIGTERM,
+                          where="feature extraction")
+    for theirs in distributed.gather(failed):  # every rank leaves out the same images
+        failed.update(theirs)
+    failed_keys = {keys[i]: reason for i, reason in failed.items()}  # copies of a failed image fail with it
+    extracted = sum(keys[i] not in failed_keys for i in missing)
+    return hits, extracted, {i: failed_keys[k] for i, k in enumerate(keys) if k in failed_keys}
+
+
+def _plan(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str]) -> tuple[list[int], dict]:
+    """(images to extract, entries on disk that no manifest lists, which are listed here)."""
     listed = cache.listed()
     missing, unlisted, queued = [], {}, set()
     for i, key in enumerate(keys):
@@ -285,22 +369,9 @@ def warm_up(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
             cache.manifest.add(cache.tag, cache.info, unlisted)
         except OSError as exc:  # a read-only cache: they are found by key all the same
             log.debug("cannot list %d entries in %s: %s", len(unlisted), cache.dir, exc)
-    hits = len(keys) - len(missing)
-    log.info("feature cache %s: %d of %d entries present (%.0f%%), %d to extract%s", cache.dir, hits, len(keys),
-             100.0 * hits / max(1, len(keys)), len(missing),
-             f" ({len(missing) * cache.entry_bytes / 2**20:.0f} MiB)" if missing else "")
-    cache.ensure_room(len(missing))
-    failed: dict[int, str] = {}
-    try:
-        if missing:
-            cache.remove_stale_temps()
-            failed = extract(cache, records, keys, missing, get_encoder(), batch_size, num_workers,
-                             bar_desc=f"Extracting {cache.dir.name}", stop=stop).failed
-    finally:
-        cache.manifest.close()
-    failed_keys = {keys[i]: reason for i, reason in failed.items()}  # copies of a failed image fail with it
-    extracted = sum(keys[i] not in failed_keys for i in missing)
-    return hits, extracted, {i: failed_keys[k] for i, k in enumerate(keys) if k in failed_keys}
+    if missing:
+        cache.remove_stale_temps()
+    return missing, unlisted
 
 
 def available_memory() -> int:
@@ -330,6 +401,7 @@ class FeatureBatches:
         self.split = split
         self.batch_size = batch_size
         self.size = len(split.objects)
+        self.per_epoch = getattr(sampler, "objects_per_epoch", self.size)  # this rank's objects (a shard's)
         self.sampler = sampler
         self.object_image = split.object_image
         self.cache_reads = 0  # objects whose features were served from the cache, cumulative
@@ -338,7 +410,7 @@ class FeatureBatches:
         self.healed = 0  # entries found bad while reading and extracted again, cumulative
 
     def __len__(self) -> int:
-        return (self.size + self.batch_size - 1) // self.batch_size
+        return (self.per_epoch + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[FeatureBatch]:
         raise NotImplementedError
@@ -445,7 +517,7 @@ class FeatureSources:
     """Train/val feature batches plus the encoder, which is built only if something needs it."""
 
     def __init__(self, cfg: Config, device: torch.device, train: SplitData, val: SplitData, amp: str,
-                 stop: StopRequest | None = None):
+                 stop: StopRequest | None = None, extract_only: bool = False):
         self.cfg = cfg
         self.device = device
         self.stop = stop
@@ -455,14 +527,22 @@ class FeatureSources:
         self.caches: dict[str, FeatureCache] = {}
         self.found = 0  # entries present in the cache when the run started
         self.extracted = 0  # entries extracted before training
-        batch_sizes = (cfg.training.batch_size, cfg.evaluation.batch_size or cfg.training.batch_size)
-        self.train_sampler = EpochShuffle(len(train.objects), cfg.training.seed)
+        world, rank = distributed.world(), distributed.rank()
+        batch_sizes = (cfg.training.batch_size // world, cfg.evaluation.batch_size or cfg.training.batch_size)
+        self.train_sampler: EpochShuffle | RankShare = EpochShuffle(len(train.objects), cfg.training.seed)
+        if world > 1:  # the global batch, split across the ranks
+            self.train_sampler = RankShare(self.train_sampler, cfg.training.batch_size, rank, world)
+        val_sampler = Strided(len(val.objects), rank, world) if world > 1 else None
         self.train: FeatureBatches
         self.val: FeatureBatches
+        if extract_only:  # fill the cache for a later run (a cluster step before training)
+            for split in (train, val):
+                self.warm(split)
+            return
         if cfg.cache_enabled:
             self._budget = self._memory_budget()
             self.train = self._cached(train, batch_sizes[0], self.train_sampler)
-            self.val = self._cached(val, batch_sizes[1], None)
+            self.val = self._cached(val, batch_sizes[1], val_sampler)
             log.info("feature cache on: epochs read cached features only%s",
                      "" if self._encoder else "; the HQ-SAM encoder was never built (every feature was cached)")
         else:
@@ -472,7 +552,7 @@ class FeatureSources:
                         split.exclude(i, "unreadable_image")
             precision = amp if amp != "fp32" else None
             self.train, self.val = (EncodedFeatures(split, self.encoder, precision, b, cfg.data.num_workers, s)
-                                    for split, b, s in zip((train, val), batch_sizes, (self.train_sampler, None)))
+                                    for split, b, s in zip((train, val), batch_sizes, (self.train_sampler, val_sampler)))
             log.info("feature cache off: the encoder runs on every batch of every epoch (baseline mode)%s",
                      f", under {amp} autocast" if precision else "")
 
@@ -485,10 +565,11 @@ class FeatureSources:
         entry = max((int(np.prod(c.shape)) * c.dtype.itemsize for c in self.caches.values()), default=0)
         served, encoded = sum(b.cache_reads for b in batches), sum(b.encoded for b in batches)
         healed = sum(b.healed for b in streamed) + sum(c.stats.healed for c in self.caches.values())
+        read = sum(c.stats.bytes_read for c in self.caches.values()) + entry * sum(b.maps_read for b in streamed)
+        served, encoded, healed, read = (int(v) for v in distributed.sum_all([served, encoded, healed, read]))  # every rank's
         return {"found": self.found, "extracted": self.extracted, "served": served, "encoded": encoded,
                 "hit_rate": served / (served + encoded) if served + encoded else None, "healed": healed,
-                "bytes_read": sum(c.stats.bytes_read for c in self.caches.values()) + entry * sum(
-                    b.maps_read for b in streamed)}
+                "bytes_read": read}
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -505,9 +586,12 @@ class FeatureSources:
             return self.device.type, int(setting.memory_budget_gb * 2**30)
         if self.device.type == "cuda":
             return "cuda", int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
-        return "cpu", available_memory() // 2
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() else 1
+        return "cpu", available_memory() // 2 // sharing  # the ranks of one machine share its RAM
 
-    def _cached(self, split: SplitData, batch_size: int, sampler: Sampler | None) -> FeatureBatches:
+    def warm(self, split: SplitData) -> tuple[FeatureCache, list[str]]:
+        """Extract the split's missing entries (shared across ranks under torchrun); returns its cache and
+        the images' keys. Images that cannot be stored are excluded from the split."""
         cache_cfg = self.cfg.optimization.feature_cache
         cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
         self.caches[split.split] = cache
@@ -522,6 +606,10 @@ class FeatureSources:
         self.extracted += extracted
         for index, reason in sorted(failed.items()):
             split.exclude(index, reason)
+        return cache, keys
+
+    def _cached(self, split: SplitData, batch_size: int, sampler: Sampler | None) -> FeatureBatches:
+        cache, keys = self.warm(split)
 
         def heal(indices: list[int]) -> dict[int, np.ndarray]:
             result = extract(cache, split.images, keys, indices, self.encoder, self.cfg.hqsam.batch_size, 0,

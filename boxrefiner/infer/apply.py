@@ -29,7 +29,8 @@ from boxrefiner.data.detections import (
     parse_detections,
 )
 from boxrefiner.data.splits import ImageNames, SplitData, read_layout
-from boxrefiner.infer.refiner import BoxRefiner
+from boxrefiner.infer.refiner import BoxRefiner, ImageFeatures
+from boxrefiner.utils import distributed
 from boxrefiner.utils.files import atomic_write
 from boxrefiner.utils.progress import progress
 
@@ -83,58 +84,81 @@ def _resolver(paths: list[Path], find: Callable[[str], int | None], split: str) 
 def refine_rows(refiner: BoxRefiner, rows: list[Any], images: Path | ImagePaths, box_format: str = "xyxy",
                 masks: Path | None = None) -> RefineReport:
     """Refine every valid detection, image by image (`images`: their folder, or file name -> path); the
-    rows of an image that cannot be used are reported."""
+    rows of an image that cannot be used are reported. Under torchrun each rank refines its share of
+    the images and every rank returns the whole report, rows in the input's order."""
     resolve = folder_resolver(images) if isinstance(images, Path) else images
     detections, problems = parse_detections(rows, box_format)
     by_image: dict[str, list[Detection]] = {}
     for detection in detections:
         by_image.setdefault(detection.file_name, []).append(detection)
-    names = list(by_image)
+    names = distributed.shard(list(by_image))
     if masks is not None:
         refiner.enable_masks()
     # a file written by an earlier run may come back as input: its results must not survive a failure now
     report = RefineReport([{k: v for k, v in r.items() if k not in _OUTPUT_FIELDS} if isinstance(r, dict) else r
                            for r in rows], problems=problems)
+    shared, touched = len(report.problems), []
     with progress(total=len(names), desc="Refining", unit="img") as bar:
         for item in refiner.image_features([resolve(name) for name in names], for_masks=masks is not None):
             bar.update(1)
-            group = by_image[names[item.index]]
-            if item.error:
-                report.problems += [(d.row, item.error) for d in group]
-                continue
-            boxes = np.array([d.box for d in group])
-            inside = (boxes[:, 0] < item.width) & (boxes[:, 1] < item.height) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
-            report.problems += [(d.row, f"outside_image: bbox lies outside the {item.width}x{item.height} image")
-                                for d, ok in zip(group, inside) if not ok]
-            fits = refiner.boxes_fit(boxes, item.width, item.height)
-            report.problems += [(d.row, f"bad_box: bbox {json.dumps(rows[d.row]['bbox'])[:60]} is too large to refine")
-                                for d, ok, inner in zip(group, fits, inside) if inner and not ok]
-            inside &= fits
-            group = [d for d, ok in zip(group, inside) if ok]
-            if not group:
-                continue
-            result = refiner.refine_features(item.map, item.width, item.height, boxes[inside])
-            if masks is not None:
-                predicted, scores = refiner.prompter.masks(*item.decoder_inputs, item.width, item.height, result.boxes)
-            for k, detection in enumerate(group):
-                row = report.rows[detection.row]
-                row["bbox_input"] = rows[detection.row]["bbox"]
-                row["bbox"] = from_xyxy(result.boxes[k], box_format)
-                row["refine_steps"] = int(result.applied_steps[k])
-                if result.iou_pred is not None:
-                    row["iou_pred"] = round(float(result.iou_pred[k]), 4)
-                if masks is not None:
-                    path = masks / f"{detection.row:06d}_{Path(detection.file_name).stem}.png"
-                    picture = Image.fromarray(predicted[k].astype(np.uint8) * 255)
-                    atomic_write(path, functools.partial(picture.save, format="PNG"))
-                    row["mask"], row["mask_score"] = str(path), round(float(scores[k]), 4)
-            report.refined += len(group)
-            report.images += 1
+            touched += refine_image(refiner, item, by_image[names[item.index]], rows, report, box_format, masks)
+    if distributed.world() > 1:
+        merge_ranks(report, touched, shared)
     report.problems.sort()
     for index, reason in report.problems:
         if isinstance(report.rows[index], dict):
             report.rows[index]["refine_error"] = reason
     return report
+
+
+def refine_image(refiner: BoxRefiner, item: ImageFeatures, group: list[Detection], rows: list[Any],
+                 report: RefineReport, box_format: str, masks: Path | None) -> list[int]:
+    """Refine one image's detections into `report` (and write their masks); returns the rows refined."""
+    if item.error:
+        report.problems += [(d.row, item.error) for d in group]
+        return []
+    boxes = np.array([d.box for d in group])
+    inside = (boxes[:, 0] < item.width) & (boxes[:, 1] < item.height) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+    report.problems += [(d.row, f"outside_image: bbox lies outside the {item.width}x{item.height} image")
+                        for d, ok in zip(group, inside) if not ok]
+    fits = refiner.boxes_fit(boxes, item.width, item.height)
+    report.problems += [(d.row, f"bad_box: bbox {json.dumps(rows[d.row]['bbox'])[:60]} is too large to refine")
+                        for d, ok, inner in zip(group, fits, inside) if inner and not ok]
+    inside &= fits
+    group = [d for d, ok in zip(group, inside) if ok]
+    if not group:
+        return []
+    result = refiner.refine_features(item.map, item.width, item.height, boxes[inside])
+    if masks is not None:
+        predicted, scores = refiner.prompter.masks(*item.decoder_inputs, item.width, item.height, result.boxes)
+    for k, detection in enumerate(group):
+        row = report.rows[detection.row]
+        row["bbox_input"] = rows[detection.row]["bbox"]
+        row["bbox"] = from_xyxy(result.boxes[k], box_format)
+        row["refine_steps"] = int(result.applied_steps[k])
+        if result.iou_pred is not None:
+            row["iou_pred"] = round(float(result.iou_pred[k]), 4)
+        if masks is not None:
+            path = masks / f"{detection.row:06d}_{Path(detection.file_name).stem}.png"
+            picture = Image.fromarray(predicted[k].astype(np.uint8) * 255)
+            atomic_write(path, functools.partial(picture.save, format="PNG"))
+            row["mask"], row["mask_score"] = str(path), round(float(scores[k]), 4)
+    report.refined += len(group)
+    report.images += 1
+    return [d.row for d in group]
+
+
+def merge_ranks(report: RefineReport, touched: list[int], shared: int) -> None:
+    """Every rank's refined rows and problems into `report` (the problems before `shared` are every
+    rank's alike: rows that did not parse)."""
+    mine = ({k: report.rows[k] for k in touched}, report.problems[shared:], report.refined, report.images)
+    report.problems, report.refined, report.images = report.problems[:shared], 0, 0
+    for rows, problems, refined, images in distributed.gather(mine):
+        for k, row in rows.items():
+            report.rows[k] = row
+        report.problems += problems
+        report.refined += refined
+        report.images += images
 
 
 

@@ -26,6 +26,7 @@ from boxrefiner.modeling.checkpoint import BEST, LAST, save_checkpoint
 from boxrefiner.training.history import improves
 from boxrefiner.training.loop import EpochProgress
 from boxrefiner.training.rng import rng_state
+from boxrefiner.utils import distributed
 from boxrefiner.version import __version__
 
 
@@ -67,8 +68,11 @@ class CheckpointSaver:
 
     def state(self, run: RunState, last_done: int, progress: EpochProgress | None = None,
               interrupted: bool = False) -> dict[str, Any]:
-        """The checkpoint of the run after epoch `last_done` (inside the next one with `progress`)."""
+        """The checkpoint of the run after epoch `last_done` (inside the next one with `progress`). Under
+        torchrun every rank calls it: the file also holds each rank's RNGs and epoch progress, so that
+        the same number of ranks continues exactly."""
         last = run.history[-1] if run.history else {}
+        ranks = distributed.gather({"rng": rng_state(), "partial_epoch": progress.as_dict() if progress else None})
         return {"epoch": last_done, "model_state_dict": self.model.state_dict(),
                 "optimizer_state_dict": self.optimizer.state_dict(), "scheduler_state_dict": self.scheduler.state_dict(),
                 "scaler_state_dict": self.scaler.state_dict() if self.scaler is not None else None,
@@ -78,7 +82,8 @@ class CheckpointSaver:
                 "config": self.cfg.to_dict(), "model_args": model_arguments(self.cfg),
                 "encoder": dataclasses.asdict(self.identity), "rng": rng_state(), "device": str(self.device),
                 "samples": self.samples, "version": __version__, "interrupted": interrupted or progress is not None,
-                "partial_epoch": progress.as_dict() if progress is not None else None}
+                "partial_epoch": progress.as_dict() if progress is not None else None,
+                "world_size": distributed.world(), "ranks": ranks if len(ranks) > 1 else None}
 
     def save_epoch(self, run: RunState, epoch: int, improved: bool, interrupted: bool = False) -> None:
         """After a finished epoch: best first, so a kill between the two writes leaves it current."""
@@ -93,5 +98,7 @@ class CheckpointSaver:
     def _write(self, state: dict[str, Any], *names: str) -> None:
         if not all_finite(self.model):  # never replace a good checkpoint with NaN weights
             raise TrainingError("the model's weights are no longer finite; the last good checkpoint was kept")
+        if not distributed.is_main():
+            return
         for name in names:
             save_checkpoint(state, self.folder / name)

@@ -18,12 +18,10 @@ from boxrefiner.boxes import (
 from boxrefiner.config import Config
 from boxrefiner.data.targets import Targets, detection_inputs, noise_table
 from boxrefiner.errors import TrainingError
-from boxrefiner.features.encoder import (
-    autocast_context,
-)
+from boxrefiner.features.encoder import EMBED_DIM, PATCH, autocast_context
 from boxrefiner.features.sources import FeatureBatch, FeatureBatches
-from boxrefiner.modeling.head import BoxRefinementModule
 from boxrefiner.modeling.losses import LossParts, refinement_loss
+from boxrefiner.utils import distributed
 from boxrefiner.utils.progress import progress
 from boxrefiner.utils.signals import StopRequest, stop_requested
 
@@ -73,7 +71,7 @@ class EpochProgress:
                 "cache_healed": self.healed, "nonfinite_steps": self.nonfinite_steps}
 
 
-def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets,
+def train_one_epoch(model: torch.nn.Module, loader: FeatureBatches, targets: Targets,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                     scaler: torch.amp.GradScaler | None, cfg: Config, precision: str, epoch: int,
                     resume: EpochProgress | None = None, stop: StopRequest | None = None) -> tuple[dict | None, EpochProgress]:
@@ -82,7 +80,8 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
     model.train()
     device = next(model.parameters()).device
     state = resume or EpochProgress(epoch)
-    generator = torch.Generator().manual_seed(cfg.training.seed * 100_003 + epoch)  # fresh jitter each epoch
+    # fresh jitter each epoch, and on each rank of a torchrun world its own (rank 0 draws as one process)
+    generator = torch.Generator().manual_seed(cfg.training.seed * 100_003 + epoch + 1_000_003_000 * distributed.rank())
     if state.jitter_state is not None:
         generator.set_state(state.jitter_state)
     reads_before, healed_before = loader.cache_reads, loader.healed
@@ -92,24 +91,30 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
     bar = progress(loader, desc=f"Epoch {epoch}", unit="batch", leave=False, initial=state.step, total=len(loader))
     for batch in bar:
         state.data_seconds += time.perf_counter() - fetch  # waiting for features: reading, or the encoder
-        if not len(batch):  # every object of this batch was left out: the schedule still counts the step
+        objects = len(batch)
+        if not objects and distributed.world() == 1:  # every object was left out: the schedule still counts the step
             scheduler.step()
             state.step += 1
             fetch = time.perf_counter()
             continue
-        state.fetched += len(batch.objects)
-        step = training_inputs(batch, targets, cfg, generator, device)
+        state.fetched += objects
+        # under torchrun a rank whose objects were all left out still takes the step (zero weight), or
+        # the others would wait for its gradients
+        step = training_inputs(batch, targets, cfg, generator, device) if objects else null_inputs(cfg, device)
         with autocast_context(device, precision):
             trajectory = model(step.features, step.inputs, step.extent, image_index=step.image_index)
         loss = training_loss(trajectory, step.truth, cfg)
         optimizer.zero_grad(set_to_none=True)
-        if guard.finite(loss.total, epoch, state):
-            optimizer_step(model, optimizer, scaler, loss.total, cfg.training.grad_clip)
-            state.add(loss, len(batch.objects))
-        bar.set_postfix(refresh=False, **state.postfix(loader, reads_before))
+        finite, weight = agree(loss.total, objects)
+        if guard.finite(finite, epoch, state):
+            optimizer_step(model, optimizer, scaler, loss.total * weight if weight != 1.0 else loss.total,
+                           cfg.training.grad_clip)
+            state.add(loss, objects)
+        if objects:
+            bar.set_postfix(refresh=False, **state.postfix(loader, reads_before))
         scheduler.step()
         state.step += 1
-        stopped = stop_requested(stop) and state.step < len(loader)
+        stopped = distributed.any_rank(stop_requested(stop)) and state.step < len(loader)  # every rank at this step
         if stopped:
             break
         fetch = time.perf_counter()
@@ -120,7 +125,20 @@ def train_one_epoch(model: BoxRefinementModule, loader: FeatureBatches, targets:
     state.cache_reads += loader.cache_reads - reads_before
     state.healed += loader.healed - healed_before
     state.jitter_state = generator.get_state()
-    return (None if stopped else state.metrics(loader.from_cache)), state
+    return (None if stopped else world_metrics(state, loader.from_cache)), state
+
+
+def world_metrics(state: EpochProgress, from_cache: bool) -> dict:
+    """The epoch's metrics over every rank's objects (one process: its own)."""
+    if distributed.world() == 1:
+        return state.metrics(from_cache)
+    names = list(state.totals)
+    summed = distributed.sum_all([state.totals[n] for n in names] + [state.seen, state.fetched, state.cache_reads,
+                                                                    state.healed])
+    seen, fetched, reads, healed = (int(v) for v in summed[len(names):])
+    merged = dataclasses.replace(state, totals=dict(zip(names, summed[:len(names)])), seen=seen, fetched=fetched,
+                                 cache_reads=reads, healed=healed)
+    return merged.metrics(from_cache)
 
 
 @dataclass
@@ -159,6 +177,25 @@ def training_inputs(batch: FeatureBatch, targets: Targets, cfg: Config, generato
     return StepInputs(features, inputs.to(device), gt.to(device), extent.to(device), per_image)
 
 
+def agree(loss: torch.Tensor, objects: int) -> tuple[bool, float]:
+    """(whether every rank's loss is finite, this rank's loss weight). DDP averages the ranks'
+    gradients; weighting each rank's mean loss by its share of the step's objects makes that the
+    gradient of the mean over all of them, as one process computes it. One process: (finite, 1)."""
+    finite = bool(torch.isfinite(loss))
+    if distributed.world() == 1:
+        return finite, 1.0
+    bad, total = distributed.sum_all([float(not finite), float(objects)])
+    return bad == 0, objects * distributed.world() / total if total else 0.0
+
+
+def null_inputs(cfg: Config, device: torch.device) -> StepInputs:
+    """One zero map and one box: a step that changes nothing (its loss is weighted 0)."""
+    grid = cfg.hqsam.input_size // PATCH
+    box = torch.tensor([[0.25, 0.25, 0.75, 0.75]], device=device)
+    return StepInputs(torch.zeros((1, EMBED_DIM, grid, grid), device=device), box, box.clone(),
+                      torch.ones((1, 2), device=device), None)
+
+
 class NonFiniteGuard:
     """Skips steps whose loss is NaN/inf (they would poison the weights) and stops the run after
     `limit` in a row."""
@@ -166,8 +203,9 @@ class NonFiniteGuard:
     def __init__(self, limit: int):
         self.limit, self.in_a_row = limit, 0
 
-    def finite(self, loss: torch.Tensor, epoch: int, state: EpochProgress) -> bool:
-        if torch.isfinite(loss):
+    def finite(self, finite: bool, epoch: int, state: EpochProgress) -> bool:
+        """`finite`: the step's loss is finite (on every rank: they skip the same steps)."""
+        if finite:
             self.in_a_row = 0
             return True
         self.in_a_row += 1
@@ -192,7 +230,7 @@ def training_loss(trajectory, target: torch.Tensor, cfg: Config):
     return refinement_loss(trajectory, target, c.l1_weight, c.iou_weight, c.quality_weight, c.quality_pair_weight)
 
 
-def optimizer_step(model: BoxRefinementModule, optimizer, scaler, loss: torch.Tensor, grad_clip: float) -> None:
+def optimizer_step(model: torch.nn.Module, optimizer, scaler, loss: torch.Tensor, grad_clip: float) -> None:
     """Backward, optional gradient clipping, step; under fp16 AMP the GradScaler skips inf/NaN gradients."""
     if scaler is not None:
         scaler.scale(loss).backward()

@@ -26,6 +26,7 @@ from boxrefiner.training.checkpoint import RunState
 from boxrefiner.training.history import read_metrics
 from boxrefiner.training.loop import EpochProgress
 from boxrefiner.training.rng import set_rng_state
+from boxrefiner.utils import distributed
 from boxrefiner.utils.files import first_line
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def check_resume(state: dict, path: str, cfg: Config, device: torch.device) -> N
         raise CheckpointError(f"resuming from {path}: config key '{key}' changed ({change}); that changes the model or "
                               "the data, so the run cannot continue: restore it, or start a new run")
     partial = state.get("partial_epoch")
-    if partial and state["config"]["training"]["batch_size"] != cfg.training.batch_size:
+    same_world = int(state.get("world_size") or 1) == distributed.world()
+    if partial and same_world and state["config"]["training"]["batch_size"] != cfg.training.batch_size:
         raise CheckpointError(f"resuming from {path}: the run was interrupted inside epoch {partial['epoch']}; keep "
                               f"training.batch_size {state['config']['training']['batch_size']} to finish that epoch")
     identity = encoder_identity(cfg.hqsam, memo_dir=cfg.optimization.feature_cache.cache_dir)
@@ -84,13 +86,30 @@ def restore(state: dict, path: str, model: torch.nn.Module, optimizer: torch.opt
         scheduler.load_state_dict(state["scheduler_state_dict"])
         if scaler is not None and state.get("scaler_state_dict"):
             scaler.load_state_dict(state["scaler_state_dict"])
-        set_rng_state(state["rng"])
-        partial = EpochProgress(**state["partial_epoch"]) if state.get("partial_epoch") else None
+        partial = restore_rank_state(state, path)
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # weights of another shape, another version
         raise CheckpointError(f"resuming from {path}: its saved state does not fit this model and version of the "
                               f"tool ({first_line(exc, 300)})") from None
     return RunState(int(state["epoch"]) + 1, float(state["best_val_iou"]), int(state["best_epoch"]),
                     list(state["history"]), partial)
+
+
+def restore_rank_state(state: dict, path: str) -> EpochProgress | None:
+    """This rank's RNGs and position inside an interrupted epoch. The same number of processes as
+    wrote the checkpoint continues exactly; another number continues from the epoch boundary (the
+    interrupted epoch from its start, with the saved weights), as the log says."""
+    written_by, now = int(state.get("world_size") or 1), distributed.world()
+    if written_by == now:
+        mine = state["ranks"][distributed.rank()] if state.get("ranks") else state
+        set_rng_state(mine["rng"])
+        return EpochProgress(**mine["partial_epoch"]) if mine.get("partial_epoch") else None
+    if distributed.is_main():
+        set_rng_state(state["rng"])
+    where = (f"epoch {int(state['epoch']) + 1} from its start (it was interrupted inside; not bit-exact)"
+             if state.get("partial_epoch") else f"epoch {int(state['epoch']) + 1}")
+    log.info("resume: %s was written by %d process(es), this run has %d: it continues at the epoch boundary, %s",
+             path, written_by, now, where)
+    return None
 
 
 def check_rollback(state: dict, path: str, cfg: Config, allow: bool) -> None:

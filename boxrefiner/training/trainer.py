@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from boxrefiner.config import Config
+from boxrefiner.config import Config, ConfigError
 from boxrefiner.data.splits import DataError, SplitData, describe_layout, load_split
 from boxrefiner.data.targets import InputSet, Targets, validation_inputs
 from boxrefiner.features.sources import FeatureSources
@@ -33,6 +35,7 @@ from boxrefiner.training.rng import seed_everything
 from boxrefiner.training.runlock import RunLock
 from boxrefiner.training.schedule import build_optimization, realign_schedule
 from boxrefiner.training.validate import evaluate
+from boxrefiner.utils import distributed
 from boxrefiner.utils.files import append_jsonl, write_jsonl
 from boxrefiner.utils.signals import Interrupted, StopRequest, stop_requested
 
@@ -43,11 +46,20 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
           stop: StopRequest | None = None, allow_rollback: bool = False) -> RunHistory:
     """Run (or continue) training; returns the metrics of the epochs run now.
 
+    Under torchrun every rank calls this: each trains on its share of every global batch
+    (`training.batch_size` stays the global batch) through DistributedDataParallel, validates its
+    shard, and rank 0 alone logs, writes metrics and checkpoints and holds the run folder's lock.
+
     Raises Interrupted after saving when `stop` was requested, TrainingError when it cannot go on."""
+    device = distributed.init(device)
+    if cfg.training.batch_size % distributed.world():
+        raise ConfigError(f"config key 'training.batch_size': {cfg.training.batch_size} is the global batch and must "
+                          f"divide by the {distributed.world()} processes of this run")
     resumed = start_run(cfg, device, resume, allow_rollback)  # a bad file fails before any slow work
     if resumed is not None and already_done(cfg, resumed, str(resume)):
         return RunHistory()
-    with RunLock(cfg.output.checkpoint_dir, cfg.output.save_dir):
+    lock = RunLock(cfg.output.checkpoint_dir, cfg.output.save_dir) if distributed.is_main() else nullcontext()
+    with lock:
         if stop is not None:
             stop.arm()  # from here on a signal stops at the next safe point: an extraction batch, a training step
         return _train_locked(cfg, device, resumed, resume, debug, stop)
@@ -61,7 +73,7 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
         continuing = run.partial if run.partial is not None and run.partial.epoch == epoch else None
         r.sources.train_sampler.set_epoch(epoch, skip=continuing.step * cfg.training.batch_size if continuing else 0)
         excluded = r.excluded()
-        metrics, progress = train_one_epoch(r.model, r.sources.train, r.train_targets, r.optimizer, r.scheduler,
+        metrics, progress = train_one_epoch(r.net, r.sources.train, r.train_targets, r.optimizer, r.scheduler,
                                             r.scaler, cfg, r.precision, epoch, resume=continuing, stop=stop)
         run.partial = None
         if metrics is None:  # stopped inside the epoch
@@ -72,11 +84,12 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
         improved = run.record(record)
         log.info(epoch_summary(record, cfg.training.epochs, improved))
         run_now.append(record)
-        stopping = stop_requested(stop) and epoch + 1 < cfg.training.epochs
+        stopping = distributed.any_rank(stop_requested(stop)) and epoch + 1 < cfg.training.epochs
         r.saver.save_epoch(run, epoch, improved, interrupted=stopping)
-        append_jsonl(r.metrics_path, record)
-        if r.excluded() > excluded:  # a broken cache entry left an image out during the epoch
-            write_skipped(r.skipped_path, r.train_split, r.val_split)
+        if distributed.is_main():
+            append_jsonl(r.metrics_path, record)
+            if r.excluded() > excluded:  # a broken cache entry left an image out during the epoch
+                write_skipped(r.skipped_path, r.train_split, r.val_split)
         if stopping:
             raise Interrupted(stopped_by(stop), r.saver.folder / LAST)
         if out_of_patience(cfg, epoch, run.best_epoch):
@@ -94,6 +107,7 @@ class Run:
     train_split: SplitData
     val_split: SplitData
     model: BoxRefinementModule
+    net: torch.nn.Module  # what trains: the model, or under torchrun its DistributedDataParallel wrapper
     precision: str
     sources: FeatureSources
     train_targets: Targets
@@ -124,12 +138,14 @@ def setup(cfg: Config, device: torch.device, resumed: dict | None, resume: str |
                               "names), so it cannot continue exactly; start a new run")
     seed_everything(cfg.training.seed)
     model = build_model(cfg).to(device)  # before feature extraction, which must not shift its initialisation
+    net = wrap_for_ranks(model, device, cfg.training.seed)
     precision = amp_precision(device, cfg.training.use_amp)
     log.info("device %s; training precision %s (training.use_amp: %s)", device, precision,
              str(cfg.training.use_amp).lower())
     skipped_path = Path(cfg.output.save_dir) / "skipped.jsonl"
     sources = FeatureSources(cfg, device, train_split, val_split, precision, stop)  # may exclude samples
-    write_skipped(skipped_path, train_split, val_split)
+    if distributed.is_main():
+        write_skipped(skipped_path, train_split, val_split)
     for split in (train_split, val_split):
         if not split.usable:
             raise DataError(f"split '{split.split}' has no usable images left (see {skipped_path})")
@@ -140,9 +156,10 @@ def setup(cfg: Config, device: torch.device, resumed: dict | None, resume: str |
              len(sources.train))
     state = resume_state(cfg, resumed, str(resume), model, optimizer, scheduler, scaler, len(sources.train))
     metrics_path = Path(cfg.output.save_dir) / "metrics.jsonl"
-    write_jsonl(metrics_path, state.history)  # metrics.jsonl always equals the checkpoint's history, then grows
+    if distributed.is_main():
+        write_jsonl(metrics_path, state.history)  # metrics.jsonl always equals the checkpoint's history, then grows
     saver = CheckpointSaver(cfg, device, model, optimizer, scheduler, scaler, sources.identity, samples)
-    return Run(train_split, val_split, model, precision, sources, train_targets, val_targets,
+    return Run(train_split, val_split, model, net, precision, sources, train_targets, val_targets,
                validation_inputs(cfg, val_targets), optimizer, scheduler, scaler, saver, state, skipped_path,
                metrics_path)
 
@@ -164,6 +181,35 @@ def resume_state(cfg: Config, resumed: dict | None, resume: str, model: BoxRefin
     where = f"epoch {partial.epoch}, step {partial.step}" if partial else f"epoch {state.start_epoch}"
     log.info("resumed from %s: continuing at %s of %d epochs", resume, where, cfg.training.epochs)
     return state
+
+
+def extract_features(cfg: Config, device: torch.device, debug: bool = False,
+                     stop: StopRequest | None = None) -> dict[str, int]:
+    """Fill the feature cache for both splits and return (found, extracted): what training would do
+    before its first epoch, alone or sharded across the ranks of a torchrun world."""
+    device = distributed.init(device)
+    if not cfg.cache_enabled:
+        raise ConfigError("extracting features needs the feature cache: set optimization.feature_cache.enabled: true")
+    train_split, val_split = prepare_splits(cfg, debug)
+    if stop is not None:
+        stop.arm()
+    sources = FeatureSources(cfg, device, train_split, val_split, "fp32", stop, extract_only=True)
+    if distributed.is_main():
+        write_skipped(Path(cfg.output.save_dir) / "skipped.jsonl", train_split, val_split)
+    distributed.barrier()
+    log.info("feature cache filled: %d entries were there, %d extracted (%d process(es)), in %s", sources.found,
+             sources.extracted, distributed.world(), cfg.optimization.feature_cache.cache_dir)
+    return {"found": sources.found, "extracted": sources.extracted}
+
+
+def wrap_for_ranks(model: BoxRefinementModule, device: torch.device, seed: int) -> torch.nn.Module:
+    """Under torchrun: DistributedDataParallel (rank 0's initial weights broadcast, gradients averaged),
+    and each rank's own global RNG for dropout from here on (rank 0 keeps one process's)."""
+    if distributed.world() == 1:
+        return model
+    if distributed.rank():
+        seed_everything(seed + 7919 * distributed.rank())
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def prepare_splits(cfg: Config, debug: bool = False) -> tuple[SplitData, SplitData]:
@@ -204,8 +250,10 @@ def already_done(cfg: Config, resumed: dict, resume: str) -> bool:
 
 
 def stopped_by(stop: StopRequest | None) -> int:
-    assert stop is not None and stop.signum is not None
-    return stop.signum
+    """The signal that stopped the run: this rank's, or under torchrun the one another rank received."""
+    signum = distributed.first_set(stop.signum if stop is not None else None)
+    assert signum is not None, "a stop was agreed without any rank's signal"
+    return signum
 
 
 def finish(cfg: Config, r: Run, run_now: RunHistory) -> None:

@@ -21,6 +21,7 @@ from boxrefiner.features.sources import FeatureBatches
 from boxrefiner.metrics import iou_summary
 from boxrefiner.modeling.head import BoxRefinementModule
 from boxrefiner.training.loop import training_loss
+from boxrefiner.utils import distributed
 from boxrefiner.utils.progress import progress
 
 
@@ -74,6 +75,7 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
         for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
             losses[name] += value.item() * len(objects)
         n += len(objects)
+    found, losses, n = merge_ranks(found, losses, n)
     if not n:
         raise DataError("no validation object is left (every image was excluded); see skipped.jsonl")
     record: dict[str, float | None] = {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n,
@@ -87,3 +89,23 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
     record["val_iou_refined_levels"] = sum(levels) / len(levels) if levels else record["val_iou_refined"]
     record["val_seconds"] = time.perf_counter() - start
     return record
+
+
+def merge_ranks(found: dict[str, list[list[torch.Tensor]]], losses: dict[str, float],
+                n: int) -> tuple[dict[str, list[list[torch.Tensor]]], dict[str, float], int]:
+    """Under torchrun each rank validated its own shard of objects: every rank gets all of them, so
+    each object counts exactly once and every rank computes the same metrics (one process: as is)."""
+    if distributed.world() == 1:
+        return found, losses, n
+    mine = {name: [torch.cat(parts) if parts else torch.empty(0) for parts in lists] for name, lists in found.items()}
+    merged: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in found}
+    total = dict.fromkeys(losses, 0.0)
+    count = 0
+    for their_found, their_losses, their_n in distributed.gather((mine, losses, n)):
+        for name, parts in their_found.items():
+            for k, part in enumerate(parts):
+                if len(part):
+                    merged[name][k].append(part)
+        total = {key: total[key] + value for key, value in their_losses.items()}
+        count += their_n
+    return merged, total, count

@@ -34,7 +34,7 @@ def test_help_lists_every_subcommand(capsys):
 
 def test_unknown_command_is_one_line(capsys):
     assert command.main(["trian"]) == 2
-    assert capsys.readouterr().err.strip() == "error: unknown command 'trian'; choose one of train, refine, evaluate, synth, bench"
+    assert capsys.readouterr().err.strip() == "error: unknown command 'trian'; choose one of train, extract, refine, evaluate, synth, bench"
 
 
 def test_python_dash_m_and_the_console_script_run():
