@@ -124,10 +124,15 @@ def hflip_extent(extent: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None], torch.stack([torch.ones_like(extent[:, 0]), extent[:, 1]], dim=1), extent)
 
 
-def _longest(width: float | torch.Tensor, height: float | torch.Tensor, dims: int) -> torch.Tensor:
-    """The longest side per image, shaped to divide boxes of `dims` dimensions (rows first)."""
-    longest = torch.maximum(torch.as_tensor(width, dtype=torch.float64), torch.as_tensor(height, dtype=torch.float64))
-    return longest.reshape(longest.shape + (1,) * (dims - longest.dim())) if longest.dim() else longest
+def _longest(width: float | torch.Tensor, height: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(width, height) stacked on the last axis and the longest side, per image, float64."""
+    sides = torch.stack([torch.as_tensor(width, dtype=torch.float64), torch.as_tensor(height, dtype=torch.float64)], -1)
+    return sides, sides.max(dim=-1).values
+
+
+def _per_row(longest: torch.Tensor, dims: int) -> torch.Tensor:
+    """`longest` shaped to divide a tensor of `dims` dimensions whose leading axes are its own."""
+    return longest.reshape(longest.shape + (1,) * (dims - longest.dim()))
 
 
 def normalise_boxes(boxes: torch.Tensor, width: float | torch.Tensor,
@@ -135,12 +140,11 @@ def normalise_boxes(boxes: torch.Tensor, width: float | torch.Tensor,
     """Pixel xyxy boxes -> the head's frame (pixels / the image's longest side), and the image's extent
     (width, height) in that frame. `width`/`height`: one image's, or one per row of `boxes`. float64."""
     boxes = boxes.double()
-    longest = _longest(width, height, boxes.dim())
-    extent = torch.stack([torch.as_tensor(width, dtype=torch.float64), torch.as_tensor(height, dtype=torch.float64)], -1)
-    return boxes / longest, extent / _longest(width, height, extent.dim())
+    sides, longest = _longest(width, height)
+    return boxes / _per_row(longest, boxes.dim()), sides / _per_row(longest, sides.dim())
 
 
 def pixel_boxes(boxes: torch.Tensor, width: float | torch.Tensor, height: float | torch.Tensor) -> torch.Tensor:
     """The head's frame -> pixel xyxy boxes (float64), the inverse of normalise_boxes."""
     boxes = boxes.double()
-    return boxes * _longest(width, height, boxes.dim())
+    return boxes * _per_row(_longest(width, height)[1], boxes.dim())

@@ -114,7 +114,7 @@ def frame_conversions() -> list[str]:
             if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Div, ast.Mult)):
                 operand = node.right.value if isinstance(node.right, ast.Subscript) else node.right
                 if (isinstance(operand, ast.Name) and operand.id == "longest") or (
-                        isinstance(operand, ast.Call) and getattr(operand.func, "id", "") == "_longest"):
+                        isinstance(operand, ast.Call) and getattr(operand.func, "id", "") == "_per_row"):
                     found.append(str(path.relative_to(ROOT)))
     return found
 

@@ -19,6 +19,10 @@ class LossParts:
     giou: torch.Tensor  # unweighted mean (1 - GIoU)
     quality: torch.Tensor  # mean |predicted IoU - actual IoU| (0 without a quality head)
 
+    def named(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        """The parts under the names the training and validation totals use."""
+        return ("loss", self.total), ("l1", self.l1), ("giou", self.giou), ("quality", self.quality)
+
 
 def refinement_loss(trajectory: Trajectory, target: torch.Tensor, l1_weight: float, iou_weight: float,
                     quality_weight: float = 0.0, pair_weight: float = 0.0) -> LossParts:

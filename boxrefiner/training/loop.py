@@ -49,7 +49,7 @@ class EpochProgress:
     def add(self, loss: LossParts, objects: int) -> None:
         """Count a finite step's losses, weighted by its objects."""
         self.seen += objects
-        for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
+        for name, value in loss.named():
             self.totals[name] += value.item() * objects
 
     def postfix(self, loader: FeatureBatches, reads_before: int) -> dict[str, str]:

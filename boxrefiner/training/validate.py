@@ -72,7 +72,7 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
             found[name][1].append(after[mine])
             if predicted is not None:
                 found[name][2].append(predicted[mine])
-        for name, value in (("loss", loss.total), ("l1", loss.l1), ("giou", loss.giou), ("quality", loss.quality)):
+        for name, value in loss.named():
             losses[name] += value.item() * len(objects)
         n += len(objects)
     found, losses, n = merge_ranks(found, losses, n)
