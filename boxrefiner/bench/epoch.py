@@ -97,7 +97,7 @@ def measure(cfg: Config, device: torch.device, epochs: int = 3, cache_off_epochs
 
 def fp16_storage_error(cfg: Config, count: int = 8) -> dict:
     """How far float16 storage moves the embeddings of a few training images (float32 encoder output)."""
-    from boxrefiner.data.splits import load_rgb
+    from boxrefiner.data.images import load_rgb
     from boxrefiner.features.encoder import build_encoder, encoder_identity, preprocess
     train_split, _ = prepare_splits(cfg)
     encoder = build_encoder(cfg.hqsam, torch.device("cpu"), encoder_identity(cfg.hqsam))
@@ -110,3 +110,56 @@ def fp16_storage_error(cfg: Config, count: int = 8) -> dict:
 
 
 
+
+
+def _cache_setting(cfg: Config, **changes) -> Config:
+    return replace(cfg, "optimization", feature_cache=dataclasses.replace(cfg.optimization.feature_cache, **changes))
+
+
+def widened_copy(cfg: Config, folder: Path) -> Config:
+    """The config reading a private float32 copy of its float16 cache (the same values, twice the bytes):
+    what float32 storage costs to stream, without extracting again. For timing only."""
+    from boxrefiner.features.cache import FeatureCache
+    from boxrefiner.features.encoder import encoder_identity
+    identity = encoder_identity(cfg.hqsam, memo_dir=cfg.optimization.feature_cache.cache_dir)
+    for split in prepare_splits(cfg):
+        source = FeatureCache(cfg.optimization.feature_cache.cache_dir, split.split, identity, "float16")
+        target = FeatureCache(folder, split.split, identity, "float32")
+        for image in split.images:
+            assert image.digest is not None  # indexed with the cache on
+            stored = source.load(source.key_for(image.digest))
+            if stored is not None:
+                target.save(target.key_for(image.digest), stored.astype(np.float32), {"file": image.file_name})
+        target.manifest.close()
+    return _cache_setting(cfg, cache_dir=str(folder), storage_dtype="float32")
+
+
+def measure_streamed(cfg: Config, device: torch.device, rounds: int = 3) -> dict:
+    """Warm epochs held in memory and streamed from disk (float16 and float32 storage, the OS page
+    cache warm), against head-only compute on the same batches, in one process. The modes take turns,
+    one epoch each per round, and each mode's median counts: a machine whose speed drifts (a shared
+    VM) then slows every mode alike instead of one of them."""
+    with tempfile.TemporaryDirectory(prefix="boxrefiner-bench-") as tmp:
+        folder = Path(tmp)
+        base = with_cache(replace(isolated_outputs(cfg, folder / "fill"), "training", epochs=1), True)
+        base = _cache_setting(base, storage_dtype="float16")
+        train(base, device)  # extracts what is missing; warms the page cache and the first-step imports
+        runs = {"in_memory": _cache_setting(base, in_memory=True),
+                "streamed_float16": _cache_setting(base, in_memory=False),
+                "streamed_float32": _cache_setting(widened_copy(base, folder / "cache32"), in_memory=False)}
+        seconds: dict[str, list[float]] = {"head_only": [], **{name: [] for name in runs}}
+        waiting: dict[str, list[float]] = {name: [] for name in runs}
+        for turn in range(rounds):
+            seconds["head_only"] += head_only_seconds(base, device, 1)
+            for name, run_cfg in runs.items():
+                record = train(isolated_outputs(run_cfg, folder / f"{name}{turn}"), device)[0]
+                seconds[name].append(record["epoch_seconds"])
+                waiting[name].append(record["data_seconds"])
+    head = statistics.median(seconds["head_only"])
+    result: dict = {"rounds": rounds, "head_only_epoch_seconds": head}
+    for name in runs:
+        result[f"{name}_epoch_seconds"] = statistics.median(seconds[name])
+        result[f"{name}_waiting_seconds"] = statistics.median(waiting[name])
+        result[f"{name}_over_head_only"] = result[f"{name}_epoch_seconds"] / head
+    result["epoch_seconds_by_round"] = seconds
+    return result

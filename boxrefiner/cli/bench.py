@@ -34,24 +34,58 @@ QUICK_DATA = {"train_images": 64, "val_images": 16}
 def epoch_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Measure where a training epoch's time goes.")
     parser.add_argument("--config", required=True)
-    parser.add_argument("--epochs", type=positive_int, default=3, help="epochs timed with the cache warm and head-only")
+    parser.add_argument("--epochs", type=positive_int, default=3,
+                        help="epochs timed with the cache warm and head-only (--streamed: rounds of one epoch each)")
     parser.add_argument("--cache-off-epochs", type=positive_int, default=1,
                         help="epochs timed with the encoder in the loop")
+    parser.add_argument("--streamed", action="store_true",
+                        help="instead: warm epochs in memory and streamed from disk (float16 and float32 "
+                             "storage) against head-only compute")
     add_device_argument(parser)
     parser.add_argument("--json", help="also write the numbers to this file")
     return parser
 
 
 def run_epoch(argv: Sequence[str] | None, prog: str | None) -> int:
-    from boxrefiner.bench.epoch import fp16_storage_error, measure
+    from boxrefiner.bench.epoch import fp16_storage_error, measure, measure_streamed
     args = epoch_parser(prog).parse_args(argv)
     setup_logging()
     cfg, _ = load_config(args.config)
-    result = measure(cfg, resolve_device(args.device), args.epochs, args.cache_off_epochs)
-    result["fp16_storage"] = fp16_storage_error(cfg)
+    if args.streamed:
+        result = measure_streamed(cfg, resolve_device(args.device), args.epochs)
+    else:
+        result = measure(cfg, resolve_device(args.device), args.epochs, args.cache_off_epochs)
+        result["fp16_storage"] = fp16_storage_error(cfg)
     print(json.dumps(result, indent=1))
     if args.json:
         write_json(args.json, result)
+    if args.streamed:
+        print(f"in memory: {result['in_memory_over_head_only']:.2f}x head-only; streamed float32 storage: "
+              f"{result['streamed_float32_over_head_only']:.2f}x head-only")
+        print(f"streamed epoch (float16 storage): {result['streamed_float16_epoch_seconds']:.2f} s, "
+              f"{result['streamed_float16_over_head_only']:.2f}x head-only")
+    return 0
+
+
+def startup_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Time a warm training start-up on N synthetic images.")
+    parser.add_argument("--images", type=positive_int, default=10_000, help="images in all (a fifth of them val)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the synthetic data and cache (default: a temporary folder, removed after)")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    return parser
+
+
+def run_startup(argv: Sequence[str] | None, prog: str | None) -> int:
+    from boxrefiner.bench.startup import measure
+    args = startup_parser(prog).parse_args(argv)
+    setup_logging()
+    with tempfile.TemporaryDirectory(prefix="boxrefiner-startup-", dir=args.work) as work:
+        result = measure(Path(work), args.images)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        write_json(args.json, result)
+    print(f"startup {result['images']} images: {result['warm_start_seconds']:.1f} s")
     return 0
 
 
@@ -100,10 +134,11 @@ def run_suite(argv: Sequence[str] | None, prog: str | None, demo: Path = DEMO) -
 
 def main(argv: Sequence[str] | None = None, prog: str = "boxrefiner bench") -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    jobs = {"epoch": run_epoch, "suite": run_suite}
+    jobs = {"epoch": run_epoch, "suite": run_suite, "startup": run_startup}
     if not args or args[0] not in jobs:
-        print(f"usage: {prog} {{epoch,suite}} [options]\n  epoch  where one training epoch's time goes "
-              "(cache off / warm / head alone)\n  suite  every speed-up side by side, with table and chart",
+        print(f"usage: {prog} {{epoch,suite,startup}} [options]\n  epoch    where one training epoch's time goes "
+              "(cache off / warm / head alone)\n  suite    every speed-up side by side, with table and chart\n"
+              "  startup  a warm training start-up on N synthetic images",
               file=sys.stderr if args[:1] not in (["-h"], ["--help"]) else sys.stdout)
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
     job = jobs[args[0]]

@@ -20,7 +20,8 @@ from boxrefiner.data.detections import (
     BOX_FORMATS,
     read_detections,
 )
-from boxrefiner.data.splits import DataError, SplitData, load_split
+from boxrefiner.data.layout import DataError
+from boxrefiner.data.splits import SplitData, load_split
 from boxrefiner.infer.apply import refine_rows, split_resolver
 from boxrefiner.infer.evaluate import (
     Case,

@@ -33,7 +33,7 @@ from boxrefiner.config import (
 )
 from boxrefiner.data.synthetic import ensure_synthetic_data
 from boxrefiner.errors import TrainingError
-from boxrefiner.features.cache import clear_features
+from boxrefiner.features.cache import clear_features, clear_orphaned_features
 from boxrefiner.modeling.checkpoint import LAST, CheckpointError
 from boxrefiner.utils import distributed
 from boxrefiner.utils.device import resolve_device
@@ -50,8 +50,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/box_refinement_config.yaml")
     parser.add_argument("--fast", action="store_true", help="sample_ratio 0.1, AMP on, batch size min(2x, 32)")
     parser.add_argument("--debug", action="store_true", help="at most debug.max_samples images per split, debug.epochs epochs")
-    parser.add_argument("--clear-cache", nargs="?", const="encoder", choices=["encoder", "all"],
-                        help="delete this encoder's cached features before the run ('all': every encoder's)")
+    parser.add_argument("--clear-cache", nargs="?", const="encoder", choices=["encoder", "all", "orphans"],
+                        help="delete this encoder's cached features before the run ('all': every encoder's; "
+                             "'orphans': entries no manifest lists and those of encoders this version no longer "
+                             "produces)")
     parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                         help="continue from a checkpoint; 'auto' or no value: last.pth in output.checkpoint_dir")
     parser.add_argument("--allow-rollback", action="store_true",
@@ -124,7 +126,9 @@ def run(argv: Sequence[str] | None, prog: str) -> int:
     resume = resolve_resume(args.resume, cfg)
     if distributed.is_main():
         ensure_synthetic_data(cfg)
-        if args.clear_cache:
+        if args.clear_cache == "orphans":
+            clear_orphaned_features(cfg)
+        elif args.clear_cache:
             clear_features(cfg, every_encoder=args.clear_cache == "all")
     distributed.barrier()  # the other ranks wait for the data and the cleared cache
     # heavy imports after argument errors are reported

@@ -21,7 +21,7 @@ from typing import Any
 from pycocotools import mask as mask_utils
 
 from boxrefiner.config import DataConfig
-from boxrefiner.data.splits import DataError, Layout, RawImage, RawObject
+from boxrefiner.data.layout import DataError, Layout, RawImage, RawObject
 from boxrefiner.utils.files import read_json
 
 

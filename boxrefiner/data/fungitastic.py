@@ -14,6 +14,7 @@ gills, ...): the smallest box holding every foreground pixel, in continuous pixe
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,8 @@ import pandas as pd
 from PIL import Image
 
 from boxrefiner.config import DataConfig
-from boxrefiner.data.rle import BoxOutsideImage, RLEError, decode_cvat_rle, mask_box
-from boxrefiner.data.splits import DataError, Layout, RawImage, RawObject, SkipImage
-
+from boxrefiner.data.layout import DataError, Layout, RawImage, RawObject, SkipImage
+from boxrefiner.data.rle import BoxOutsideImage, RLEError, decode_cvat_rle, rle_box
 
 _SPLITS = {
     # split: (CSV name suffixes tried in order, image folder, masks parquet suffix)
@@ -102,8 +102,7 @@ def union_box(rows: list[tuple]) -> tuple[float, float, float, float, int, int]:
     for rle, width, height in rows:
         if width <= 0 or height <= 0:
             raise RLEError(f"mask row without a valid image size ({width}x{height})")
-        mask, (left, top, _, _) = decode_cvat_rle(rle, width, height)
-        box = mask_box(mask, (left, top))
+        box = rle_box(rle, width, height)
         if box is not None:
             boxes.append(box)
     if not boxes:
@@ -127,23 +126,48 @@ def ground_truth_mask(rows: list[tuple], width: int, height: int) -> np.ndarray:
 
 
 def read_fungitastic(cfg: DataConfig, split: str) -> Layout:
-    """The split's images that have masks, one object each (the union of its parts; masks decoded only
-    for the images `load_split` keeps)."""
+    """The split's images that have masks, one object each (the union of its parts). Only the parquet's
+    file names are read here; its masks are read when the first image needs its box (none, on a warm
+    start: the boxes come from the start-up memo) and decoded only for the images `load_split` keeps."""
     csv, image_dir, masks = split_paths(cfg, split)
     names = read_filenames(csv)
-    rows = read_masks(masks, set(names))
+    with_masks = _masked_names(masks)
+    rows = _LazyRows(masks, set(names) & with_masks)
     layout = Layout([], dict(FUNGUS), masks_file=masks)
     for name in names:
-        if name in rows:
-            layout.images.append(RawImage(name, image_dir / name, functools.partial(_union_object, rows[name])))
+        if name in with_masks:
+            layout.images.append(RawImage(name, image_dir / name, functools.partial(_union_object, rows, name),
+                                          memo=(masks, name)))
         else:
             layout.skipped.append((name, "no_mask", ""))
     return layout
 
 
-def _union_object(rows: list[tuple]) -> tuple[tuple[float, float], list[RawObject]]:
+def _masked_names(parquet: Path) -> set[str]:
     try:
-        x0, y0, x1, y1, mask_w, mask_h = union_box(rows)
+        return set(pd.read_parquet(parquet, columns=["file_name"])["file_name"].dropna())
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{parquet}: cannot read masks parquet with columns file_name, width, height, rle ({exc})") from None
+
+
+class _LazyRows:
+    """The mask rows of the split's images, read from the parquet once, when first asked (from any thread)."""
+
+    def __init__(self, parquet: Path, names: set[str]):
+        self.parquet, self.names = parquet, names
+        self._rows: dict[str, list[tuple]] | None = None
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> list[tuple]:
+        with self._lock:
+            if self._rows is None:
+                self._rows = read_masks(self.parquet, self.names)
+        return self._rows[name]
+
+
+def _union_object(rows: _LazyRows, name: str) -> tuple[tuple[float, float], list[RawObject]]:
+    try:
+        x0, y0, x1, y1, mask_w, mask_h = union_box(rows[name])
     except RLEError as exc:
         raise SkipImage("outside_image" if isinstance(exc, BoxOutsideImage) else "bad_rle", str(exc)) from None
     return (mask_w, mask_h), [RawObject((x0, y0, x1, y1), 1, "parts", "mask union")]

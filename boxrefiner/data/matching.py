@@ -16,7 +16,8 @@ import torch
 
 from boxrefiner.boxes import box_iou
 from boxrefiner.data.detections import parse_detections, read_detections
-from boxrefiner.data.splits import DataError, SplitData
+from boxrefiner.data.layout import DataError
+from boxrefiner.data.splits import SplitData
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ that box `[left, top, right, bottom]`, inclusive, in the coordinates of the anno
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +42,8 @@ def parse_rle(value: Any) -> np.ndarray:
     return numbers.astype(np.int64)
 
 
-def decode_cvat_rle(value: Any, width: int | None = None, height: int | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Decode to (mask over the part's box, box). With width/height, the box is checked against the image."""
+def _runs_and_box(value: Any, width: int | None, height: int | None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The runs and the part's box of a valid value (RLEError saying what is wrong otherwise)."""
     numbers = parse_rle(value)
     runs, (left, top, right, bottom) = numbers[:-4], (int(v) for v in numbers[-4:])
     box_w, box_h = right - left + 1, bottom - top + 1
@@ -52,10 +53,36 @@ def decode_cvat_rle(value: Any, width: int | None = None, height: int | None = N
         raise BoxOutsideImage(f"RLE box [{left}, {top}, {right}, {bottom}] lies outside the {width}x{height} image")
     if runs.sum() != box_w * box_h:
         raise RLEError(f"RLE runs cover {int(runs.sum())} pixels but the box has {box_w}x{box_h}={box_w * box_h}")
+    return runs, (left, top, right, bottom)
+
+
+def decode_cvat_rle(value: Any, width: int | None = None, height: int | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Decode to (mask over the part's box, box). With width/height, the box is checked against the image."""
+    runs, (left, top, right, bottom) = _runs_and_box(value, width, height)
     values = np.zeros(runs.size, dtype=bool)
     values[1::2] = True
-    mask = np.repeat(values, runs).reshape(box_h, box_w)
+    mask = np.repeat(values, runs).reshape(bottom - top + 1, right - left + 1)
     return mask, (left, top, right, bottom)
+
+
+def rle_box(value: Any, width: int | None = None, height: int | None = None) -> tuple[int, int, int, int] | None:
+    """The tight inclusive box of a part's foreground, from its runs alone (no mask is built: a part
+    annotated at full resolution has millions of pixels), checked as `decode_cvat_rle` checks; None
+    when the part has no foreground pixel."""
+    runs, (left, top, right, _) = _runs_and_box(value, width, height)
+    box_w = right - left + 1
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    fg = np.arange(runs.size) % 2 == 1
+    fg &= runs > 0
+    if not fg.any():
+        return None
+    first, last = starts[fg], ends[fg] - 1  # pixel offsets in the box, row by row
+    first_row, last_row = first // box_w, last // box_w
+    one_row = first_row == last_row  # a run over a row's end covers both the last and the first column
+    x0 = int(np.where(one_row, first % box_w, 0).min())
+    x1 = int(np.where(one_row, last % box_w, box_w - 1).max())
+    return left + x0, top + int(first_row.min()), left + x1, top + int(last_row.max())
 
 
 def encode_cvat_rle(mask: np.ndarray) -> list[int]:
@@ -69,7 +96,7 @@ def encode_cvat_rle(mask: np.ndarray) -> list[int]:
     bounds = np.concatenate([[0], change, [flat.size]])
     runs = np.diff(bounds).tolist()
     if flat[0]:  # runs must start with background
-        runs = [0] + runs
+        runs = [0, *runs]
     return [int(r) for r in runs] + [left, top, right, bottom]
 
 

@@ -16,30 +16,22 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from boxrefiner.config import DataConfig
-from boxrefiner.errors import UserError
+from boxrefiner.data.layout import NORMALISED, Layout, RawObject, SkipImage
+from boxrefiner.data.reading import read_images
+from boxrefiner.utils.memo import FileMemo
 
 log = logging.getLogger(__name__)
 
-_EXIF_ORIENTATION = 0x0112
-# What decoding a broken, truncated or absurdly large image raises (PIL's bomb check is a plain Exception).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-NORMALISED = (1.0, 1.0)  # the annotated frame of coordinates given as fractions of the image (YOLO)
-
-
-class DataError(UserError):
-    """The dataset cannot be used as configured; the message is one line naming the path."""
 
 
 class ImageNames:
@@ -65,6 +57,7 @@ class ImageRecord:
     image_path: Path
     width: int  # of the loaded (EXIF-oriented) image
     height: int
+    digest: str | None = None  # sha256 of the file's bytes, when indexing was asked for it
 
 
 @dataclass(frozen=True)
@@ -138,99 +131,6 @@ class SplitData:
                 torch.tensor([i.height for i in images], dtype=torch.float64))
 
 
-@dataclass
-class RawObject:
-    """An annotated object in its annotation's pixel frame (YOLO: normalised, a 1 x 1 frame)."""
-    box: tuple[float, float, float, float]  # xyxy
-    category_id: int = 1
-    mask: Any = None
-    ref: str = ""  # "annotation 17", "labels/a.txt line 3": named in every message about it
-    problem: tuple[str, str] | None = None  # (reason, detail): the reader found it unusable (skipped, counted)
-
-    @classmethod
-    def unusable(cls, ref: str, reason: str, detail: str) -> RawObject:
-        """An annotation a reader could not make an object of: skipped and counted where its image is used."""
-        return cls((0.0, 0.0, 0.0, 0.0), ref=ref, problem=(reason, detail))
-
-
-class SkipImage(Exception):
-    """A layout reader's verdict on a whole image: left out for `reason` (a short snake_case word)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class RawImage:
-    """An image as a layout lists it. `annotated` returns (annotated width, height or None for the
-    loaded image's own size, objects), or raises SkipImage; it runs for the chosen subset only, so a
-    costly reader (FungiTastic's mask decoding) decodes nothing it does not use."""
-    file_name: str
-    path: Path
-    annotated: Callable[[], tuple[tuple[float, float] | None, list[RawObject]]]
-
-
-@dataclass
-class Layout:
-    """What a layout reader hands to `load_split`: images in any order, what it already left out
-    (e.g. an annotation pointing at an unknown image), the category names, and the masks parquet."""
-    images: list[RawImage]
-    categories: dict[int, str]
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (file_name, reason, detail)
-    masks_file: Path | None = None
-
-
-def oriented_size(path: Path) -> tuple[int, int]:
-    """Width and height after EXIF orientation, read from the header only."""
-    with Image.open(path) as img:
-        width, height = img.size
-        if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-            width, height = height, width
-    return width, height
-
-
-_WIDE_MODES_SEEN: set[str] = set()
-
-
-def to_8bit(img: Image.Image, path: Path | str = "") -> Image.Image:
-    """16-bit, 32-bit and float images as 8 bits: Pillow's `convert("RGB")` would clip them to 255
-    (all white). 16-bit by its full range (/257); 32-bit integer and float by the image's own
-    min-max range, which has no fixed scale (logged once per kind and process)."""
-    if img.mode.startswith("I;16"):
-        values = np.asarray(img).astype(np.float64) / 257.0
-    elif img.mode in ("I", "F"):
-        values = np.asarray(img).astype(np.float64)
-        finite = values[np.isfinite(values)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        values = np.nan_to_num((values - lo) / (hi - lo) * 255.0 if hi > lo else values * 0.0, nan=0.0,
-                               posinf=255.0, neginf=0.0)
-        if img.mode not in _WIDE_MODES_SEEN:
-            _WIDE_MODES_SEEN.add(img.mode)
-            kind = "32-bit integer" if img.mode == "I" else "floating-point"
-            log.warning("%s is a %s image: scaled to 8 bits by its own min-max range (%g..%g); further such "
-                        "images are scaled the same way without a message", path, kind, lo, hi)
-    else:
-        return img
-    return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), mode="L")
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image as HxWx3 uint8 RGB, EXIF orientation applied (wide images scaled to 8 bits)."""
-    with Image.open(path) as img:
-        return np.asarray(to_8bit(ImageOps.exif_transpose(img), path).convert("RGB"))
-
-
-def readable(path: Path) -> bool:
-    """Whether the whole image decodes (a truncated JPEG has a valid header but fails here)."""
-    try:
-        load_rgb(path)
-        return True
-    except DECODE_ERRORS:
-        return False
-
-
 def choose_subset(n: int, ratio: float | None, max_count: int | None, seed: int) -> list[int]:
     """Seeded random subset of indices (kept in order), not a prefix."""
     count = n if ratio is None else max(1, round(n * ratio))
@@ -264,37 +164,40 @@ def describe_layout(cfg: DataConfig) -> str:
 
 
 def load_split(cfg: DataConfig, split: str, *, sample_ratio: float | None = None, max_samples: int | None = None,
-               seed: int = 0, detections: str | None = None) -> SplitData:
+               seed: int = 0, detections: str | None = None, memo: FileMemo | None = None,
+               digests: bool = False) -> SplitData:
     """Index one split: its images, their objects' boxes in the loaded images' pixels, and what was
-    skipped and why; with `detections` (a detections JSON), detector boxes matched to the objects."""
+    skipped and why; with `detections` (a detections JSON), detector boxes matched to the objects.
+
+    With `memo`, what was read of an unchanged file (image size, content hash, its objects) is taken
+    from there; `digests` also hashes each image (the feature cache's key)."""
     layout = read_layout(cfg, split)
     result = SplitData(split, [], categories=dict(layout.categories), masks_file=layout.masks_file)
     for name, reason, detail in layout.skipped:
         result.skip(name, reason, detail)
     listed = sorted(layout.images, key=lambda r: r.file_name)
-    for index in choose_subset(len(listed), sample_ratio, max_samples, seed):
-        raw = listed[index]
-        if not raw.path.is_file():
+    chosen = [listed[i] for i in choose_subset(len(listed), sample_ratio, max_samples, seed)]
+    facts = read_images(chosen, memo if memo is not None else FileMemo(None), digests, f"Indexing {split}")
+    for raw, fact in zip(chosen, facts):
+        if not fact.present:
             result.skip(raw.file_name, "missing_image", str(raw.path))
             continue
-        try:
-            annotated, objects = raw.annotated()
-        except SkipImage as skip:
-            log.debug("%s: %s %s", raw.file_name, skip.reason, skip.detail)
-            result.skip(raw.file_name, skip.reason, skip.detail)
+        if isinstance(fact.annotated, SkipImage):
+            log.debug("%s: %s %s", raw.file_name, fact.annotated.reason, fact.annotated.detail)
+            result.skip(raw.file_name, fact.annotated.reason, fact.annotated.detail)
             continue
-        try:
-            width, height = oriented_size(raw.path)
-        except DECODE_ERRORS:
+        if fact.size is None:
             result.skip(raw.file_name, "unreadable_image")
             continue
+        assert fact.annotated is not None  # read for every present image
+        (width, height), (annotated, objects) = fact.size, fact.annotated
         kept = _place_objects(result, raw.file_name, objects, annotated, width, height, cfg.min_box_size)
         if not kept:
             if not objects:  # (when every object was left out, their own reasons say why)
                 result.skip(raw.file_name, "no_objects")
             continue
         image = len(result.images)
-        result.images.append(ImageRecord(raw.file_name, raw.path, width, height))
+        result.images.append(ImageRecord(raw.file_name, raw.path, width, height, fact.digest))
         result.objects += [ObjectRecord(image, box, o.category_id, o.mask, o.ref) for box, o in kept]
     if detections:
         from boxrefiner.data.matching import attach_detections

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 import torch
 
 from boxrefiner.boxes import (
-    normalise_boxes,
     clip_boxes,
     jitter_boxes,
     jitter_draws,
+    normalise_boxes,
 )
 from boxrefiner.config import DETECTIONS_LEVEL, BoxNoiseConfig, Config
 from boxrefiner.data.splits import SplitData
-
 
 
 @dataclass

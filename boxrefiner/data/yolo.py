@@ -14,6 +14,8 @@ and line number); a data.yaml that does not say where the split is, is a `DataEr
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -22,14 +24,7 @@ from typing import Any
 import yaml
 
 from boxrefiner.config import DataConfig
-from boxrefiner.data.splits import (
-    NORMALISED,
-    DataError,
-    Layout,
-    RawImage,
-    RawObject,
-    SkipImage,
-)
+from boxrefiner.data.layout import NORMALISED, DataError, Layout, RawImage, RawObject, SkipImage
 
 # Ultralytics' image suffixes (ultralytics.data.utils.IMG_FORMATS), compared in lower case
 IMG_FORMATS = {"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm", "heic"}
@@ -42,6 +37,7 @@ def read_yolo(cfg: DataConfig, split: str) -> Layout:
     names = _names(doc.get("names"), data_yaml)
     root = _root(doc.get("path"), data_yaml)
     layout = Layout([], names)
+    classes = hashlib.sha256(json.dumps(sorted(names.items())).encode()).hexdigest()[:12]  # what a line's class is checked against
     seen: set[Path] = set()
     for path in _image_paths(doc, split, root, data_yaml, layout):
         file_name = _display(path, root)
@@ -50,7 +46,9 @@ def read_yolo(cfg: DataConfig, split: str) -> Layout:
             continue
         seen.add(path)
         label = label_path(path)
-        layout.images.append(RawImage(file_name, path, functools.partial(_objects, label, _display(label, root), names)))
+        shown = _display(label, root)
+        layout.images.append(RawImage(file_name, path, functools.partial(_objects, label, shown, names),
+                                      memo=(label, f"{shown}|{classes}")))
     return layout
 
 

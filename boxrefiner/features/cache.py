@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -43,26 +43,22 @@ from boxrefiner.features.encoder import (
     EncoderIdentity,
     encoder_identity,
 )
+from boxrefiner.utils.allocator import gc_paused
 from boxrefiner.utils.files import (
-    HOST,
     atomic_write,
-    json_line,
     remove_stale_temps,
     write_json,
-    writer_gone,
 )
+from boxrefiner.utils.journal import FORMAT, TOOL, Journal
 
 log = logging.getLogger(__name__)
 
-TOOL = "boxrefiner"
 MARKER = ".boxrefiner-cache"
 JOURNALS = "manifest"
 LEGACY_MANIFEST = "manifest.json"  # written whole by versions before 0.3; read, never written
-FORMAT = 2
 KEY_LENGTH = 40
-_KEY_FILE = re.compile(r"^[0-9a-f]{%d}\.npy$" % KEY_LENGTH)
+_KEY_FILE = re.compile(rf"^[0-9a-f]{{{KEY_LENGTH}}}\.npy$")
 _NPY_HEADER = 128  # bytes numpy writes before the data of a small-header .npy
-_COMPACT_AT = 4  # mergeable journal files before a writer compacts them
 
 
 class CacheError(UserError):
@@ -103,32 +99,6 @@ class EncoderEntries:
     """One encoder's part of a split's manifest."""
     info: dict = field(default_factory=dict)  # identity, label, storage_dtype, shape
     entries: dict[str, dict] = field(default_factory=dict)  # key -> {file, width, height}
-
-
-def _header() -> dict:
-    return {"tool": TOOL, "format": FORMAT, "host": HOST, "pid": os.getpid()}
-
-
-def _read_journal(path: Path) -> list[dict] | None:
-    """The events of one journal file, or None when it is not this tool's. A torn last line (its
-    writer was killed mid-append) is skipped."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else None
-    except ValueError:
-        return None
-    if not isinstance(header, dict) or header.get("tool") != TOOL:
-        return None
-    events = []
-    for line in lines[1:]:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and isinstance(event.get("op"), str):
-            events.append(event)
-    return events
 
 
 def _legacy_events(folder: Path) -> list[dict]:
@@ -175,99 +145,58 @@ class Manifest:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.journals = self.folder / JOURNALS
-        self._file: IO[str] | None = None
-        self._path: Path | None = None
+        self.journal = Journal(self.folder / JOURNALS)
         self._declared: set[str] = set()
-        self.written = 0  # events this process appended
 
-    def _files(self) -> list[Path]:
-        return sorted(self.journals.glob("*.jsonl")) if self.journals.is_dir() else []
+    @property
+    def written(self) -> int:
+        """Events this process appended."""
+        return self.journal.written
 
-    def _events(self) -> tuple[list[dict], list[Path]]:
-        """Every event of every journal (legacy manifest first), and the journal files read."""
-        for _ in range(5):  # a compaction may delete a file between listing and reading: list again
-            events, files = _legacy_events(self.folder), []
-            try:
-                for path in self._files():
-                    found = _read_journal(path)
-                    if found is not None:
-                        events += found
-                        files.append(path)
-                return events, files
-            except FileNotFoundError:
-                continue
-        raise CacheError(f"feature cache {self.folder}: its manifest keeps changing while being read")
+    def _legacy(self) -> list[dict]:
+        return _legacy_events(self.folder)
 
     def read(self) -> dict[str, EncoderEntries]:
-        return merge(self._events()[0])
-
-    def _append(self, events: list[dict]) -> None:
-        if self._file is None:
-            self.journals.mkdir(parents=True, exist_ok=True)
-            self._path = self.journals / f"{HOST}.{os.getpid()}.{time.time_ns()}.jsonl"
-            self._file = open(self._path, "a", encoding="utf-8")  # mode from the umask, like every file here
-            self._file.write(json_line(_header()) + "\n")
-        self._file.write("".join(json_line(e) + "\n" for e in events))  # one write: lines never interleave
-        self._file.flush()
-        self.written += len(events)
+        with gc_paused():  # a line per entry: linear in the entries
+            return merge(self.journal.events(self._legacy)[0])
 
     def add(self, tag: str, info: dict, entries: dict[str, dict]) -> None:
         now = time.time()
         events = [] if tag in self._declared else [{"op": "encoder", "tag": tag, **info}]
         self._declared.add(tag)
-        self._append(events + [{"op": "add", "t": now, "tag": tag, "key": key, **rec} for key, rec in entries.items()])
+        self.journal.append(events + [{"op": "add", "t": now, "tag": tag, "key": key, **rec}
+                                      for key, rec in entries.items()])
 
     def forget(self, tag: str | None) -> None:
         """Every entry of `tag` (None: of every encoder) listed so far is gone."""
-        self._append([{"op": "forget", "t": time.time(), "tag": tag}])
+        self.journal.append([{"op": "forget", "t": time.time(), "tag": tag}])
 
     def close(self, compact: bool = True) -> None:
         """Close this process's journal; then fold finished journals together when there are enough."""
-        if self._file is None:
+        if not self.journal.close() or not compact:
             return
-        self._file.close()
-        self._file = None
-        if compact:
-            try:
-                self.compact()
-            except OSError as exc:  # a read-only or vanished folder: the journals stay as they are
-                log.debug("manifest %s not compacted: %s", self.journals, exc)
+        try:
+            self.compact()
+        except OSError as exc:  # a read-only or vanished folder: the journals stay as they are
+            log.debug("manifest %s not compacted: %s", self.journal.folder, exc)
 
     def compact(self, force: bool = False) -> bool:
         """Fold the journals of finished writers (and older compactions) into one new file."""
-        events, files = self._events()
-        mine = self._path
-        done = [p for p in files if p == mine or p.name.startswith("compact.") or _finished(p)]
-        if not done or (len(done) < _COMPACT_AT and not force):
-            return False
-        state = merge(events)
-        lines: list[dict] = []
-        for tag, enc in sorted(state.items()):
-            lines.append({"op": "encoder", "tag": tag, **enc.info})
-            lines += [{"op": "add", "tag": tag, "key": k, **r} for k, r in enc.entries.items()]  # r keeps its t
-        # forgets stay: a journal still being written may hold older lines they must keep hidden
-        forgets: dict[Any, dict] = {}
-        for event in (e for e in events if e.get("op") == "forget"):
-            if float(event.get("t", 0.0)) >= float(forgets.get(event.get("tag"), {}).get("t", -1.0)):
-                forgets[event.get("tag")] = event
-        lines = list(forgets.values()) + lines
-        text = "".join(json_line(e) + "\n" for e in [_header(), *lines]).encode()
-        atomic_write(self.journals / f"compact.{HOST}.{os.getpid()}.{time.time_ns()}.jsonl", lambda f: f.write(text))
-        for path in done:
-            path.unlink(missing_ok=True)
-        return True
+        return self.journal.compact(_folded, force, self._legacy)
 
 
-def _finished(path: Path) -> bool:
-    """Whether a journal's writer can no longer append to it (dead on this host, or silent for a day)."""
-    parts = path.name.split(".")
-    if len(parts) != 4 or not parts[1].isdigit():
-        return False
-    try:
-        return writer_gone(parts[0], int(parts[1]), path.stat().st_mtime)
-    except OSError:
-        return False
+def _folded(events: list[dict]) -> list[dict]:
+    """The merged state as events: each encoder, its entries (with their times), and the latest
+    forget per tag, which stays: a journal still being written may hold older lines it must hide."""
+    lines: list[dict] = []
+    for tag, enc in sorted(merge(events).items()):
+        lines.append({"op": "encoder", "tag": tag, **enc.info})
+        lines += [{"op": "add", "tag": tag, "key": k, **r} for k, r in enc.entries.items()]  # r keeps its t
+    forgets: dict[Any, dict] = {}
+    for event in (e for e in events if e.get("op") == "forget"):
+        if float(event.get("t", 0.0)) >= float(forgets.get(event.get("tag"), {}).get("t", -1.0)):
+            forgets[event.get("tag")] = event
+    return list(forgets.values()) + lines
 
 
 # --- entries ------------------------------------------------------------------------------------
@@ -398,12 +327,6 @@ class FeatureCache:
             log.info("feature cache %s: removed %d temp files (%.1f MiB) left by killed writers", self.dir, files,
                      size / 2**20)
 
-    def census(self) -> tuple[int, int]:
-        """Entries the manifest lists: (this encoder's, other encoders')."""
-        encoders = self.manifest.read()
-        mine = len(encoders[self.tag].entries) if self.tag in encoders else 0
-        return mine, sum(len(e.entries) for t, e in encoders.items() if t != self.tag)
-
 
 def _entry_files(folder: Path) -> Iterable[Path]:
     """Files named like this tool's entries in a split folder (flat and key-prefix subfolders)."""
@@ -465,3 +388,61 @@ def clear_features(cfg: Config, every_encoder: bool) -> None:
         whose = identity.short()
     log.info("cleared the cache: removed %d feature files (%.1f MiB) of %s from %s", files, size / 2**20, whose,
              cache_cfg.cache_dir)
+
+
+@dataclass
+class Orphans:
+    """What `clear_orphans` removed."""
+    unlisted: int = 0  # entry files no manifest lists
+    obsolete: int = 0  # entries of encoder identities this version no longer produces
+    bytes: int = 0
+
+
+def _obsolete(info: dict) -> bool:
+    """Whether a manifest's encoder is one this version no longer produces (unknown forms are kept)."""
+    try:
+        return not EncoderIdentity(**info["identity"]).current
+    except (KeyError, TypeError):
+        return False
+
+
+def clear_orphans(cache_dir: str | Path) -> Orphans:
+    """Delete the entries no manifest lists (in a cache root this tool created: elsewhere only listed
+    files are known to be its own) and every entry of an encoder identity this version no longer
+    produces, in every split. Files are listed before the manifests are read: a writer lists an entry
+    before renaming it into place, so an entry written meanwhile is never taken for an orphan."""
+    root = Path(cache_dir)
+    removed = Orphans()
+    if not root.is_dir():
+        return removed
+    marked = is_marked(root)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        on_disk = {p.stem: p for p in _entry_files(folder)} if marked else {}
+        manifest = Manifest(folder)
+        encoders = manifest.read()
+        old = {tag for tag, enc in encoders.items() if _obsolete(enc.info)}
+        kept = {key for tag, enc in encoders.items() if tag not in old for key in enc.entries}
+        doomed = [(p, "unlisted") for key, p in on_disk.items() if key not in kept and
+                  not any(key in encoders[t].entries for t in old)]
+        doomed += [(p, "obsolete") for t in old for key in encoders[t].entries
+                   for p in (folder / key[:2] / f"{key}.npy", folder / f"{key}.npy") if key not in kept]
+        for path, why in doomed:
+            try:
+                removed.bytes += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            setattr(removed, why, getattr(removed, why) + 1)
+        for tag in sorted(old):
+            manifest.forget(tag)
+        manifest.close()
+    return removed
+
+
+def clear_orphaned_features(cfg: Config) -> Orphans:
+    """`clear_orphans` on the configured cache, said in the log."""
+    cache_dir = cfg.optimization.feature_cache.cache_dir
+    removed = clear_orphans(cache_dir)
+    log.info("cleared orphaned cache entries in %s: %d that no manifest lists, %d of encoders this version no longer "
+             "produces; %.1f MiB freed", cache_dir, removed.unlisted, removed.obsolete, removed.bytes / 2**20)
+    return removed

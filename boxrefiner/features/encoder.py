@@ -9,14 +9,13 @@ weights are loaded and checked key by key; random weights only on explicit opt-i
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,7 +24,8 @@ from torch import nn
 
 from boxrefiner.config import HQSAMConfig
 from boxrefiner.errors import UserError
-from boxrefiner.utils.files import load_torch_file, sha256_file, write_json
+from boxrefiner.utils.files import load_torch_file, sha256_file
+from boxrefiner.utils.memo import FileMemo
 
 log = logging.getLogger(__name__)
 
@@ -145,29 +145,18 @@ def load_strictly(module: nn.Module, state: dict[str, torch.Tensor], model_type:
     module.train(False)
 
 
-_HASH_MEMO = ".checkpoint_hashes.json"
-
-
 def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
-    """Content hash of a (large) file, memoised by path, size and mtime in `memo_dir`."""
+    """Content hash of a (large) file, remembered by path, size and mtime in `memo_dir`'s memo."""
     path = Path(path).resolve()
     stat = path.stat()
-    memo_key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-    memo_file = Path(memo_dir) / _HASH_MEMO if memo_dir else None
-    memo: dict[str, str] = {}
-    if memo_file and memo_file.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            memo = json.loads(memo_file.read_text())
-    if memo_key in memo:
-        return memo[memo_key]
-    memo[memo_key] = sha256_file(path)
-    if memo_file:
-        try:
-            write_json(memo_file, memo)
-        except OSError as exc:  # a read-only cache: hashing again next time is all it costs
-            log.info("checkpoint hash not memoised (%s: %s); it is computed again on the next run", memo_file,
-                     exc.strerror or exc)
-    return memo[memo_key]
+    memo = FileMemo.in_cache(memo_dir, part="checkpoints") if memo_dir else FileMemo(None)
+    digest = memo.get("sha256", path, stat)
+    if not isinstance(digest, str):
+        started = time.time_ns()
+        digest = sha256_file(path)
+        memo.put("sha256", path, stat, digest, read_at=started)
+        memo.close()
+    return digest
 
 
 @dataclass(frozen=True)

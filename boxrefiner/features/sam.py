@@ -43,7 +43,7 @@ class MaskDecoderUnavailable(EncoderError):
     """The checkpoint has no HQ-SAM mask decoder (a plain SAM file, say); one-line message."""
 
 
-def build_sam_hq(model_type: str, input_size: int = 1024) -> "Sam":
+def build_sam_hq(model_type: str, input_size: int = 1024) -> Sam:
     """The whole HQ-SAM model, random weights, eval mode; the image encoder is built first, so that under
     a fixed seed it gets exactly the weights `encoder.build_encoder` gives (the refiner's features)."""
     modeling = hq_modeling()
@@ -64,7 +64,7 @@ def build_sam_hq(model_type: str, input_size: int = 1024) -> "Sam":
     return sam
 
 
-def load_sam_hq(model_type: str, input_size: int, checkpoint: str | None) -> "Sam":
+def load_sam_hq(model_type: str, input_size: int, checkpoint: str | None) -> Sam:
     """HQ-SAM with every weight from `checkpoint`, or (None) with seeded random weights, loudly."""
     if checkpoint is None:
         with random_init_rng():
@@ -92,7 +92,7 @@ def load_sam_hq(model_type: str, input_size: int, checkpoint: str | None) -> "Sa
 class BoxPrompter:
     """Masks from HQ-SAM prompted with boxes, on embeddings computed beforehand (in batches)."""
 
-    def __init__(self, sam: "Sam", device: torch.device):
+    def __init__(self, sam: Sam, device: torch.device):
         hq_modeling()  # imports the package quietly; the import below then prints nothing
         from segment_anything_hq import SamPredictor
         self.predictor = SamPredictor(sam.to(device))

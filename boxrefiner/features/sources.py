@@ -34,15 +34,9 @@ from torch.utils.data import (
 )
 
 from boxrefiner.config import Config
-from boxrefiner.data.splits import (
-    DECODE_ERRORS,
-    ImageRecord,
-    SplitData,
-    load_rgb,
-    readable,
-)
+from boxrefiner.data.images import DECODE_ERRORS, load_rgb, readable
+from boxrefiner.data.splits import ImageRecord, SplitData
 from boxrefiner.features.cache import FeatureCache
-from boxrefiner.utils.files import sha256_file
 from boxrefiner.features.encoder import (
     EncoderIdentity,
     ImageEncoder,
@@ -50,15 +44,17 @@ from boxrefiner.features.encoder import (
     encoder_identity,
     preprocess,
 )
+from boxrefiner.features.reader import BatchStream, EntryReader
 from boxrefiner.utils import distributed
+from boxrefiner.utils.files import sha256_file
 from boxrefiner.utils.progress import progress
 from boxrefiner.utils.signals import (
     Interrupted,
     StopRequest,
     ignore_stop_signals,
     reap_workers_at_exit,
-    stop_signals_blocked,
     stop_requested,
+    stop_signals_blocked,
 )
 
 log = logging.getLogger(__name__)
@@ -131,28 +127,6 @@ def _keep(objects: torch.Tensor, inverse: torch.Tensor, keep: torch.Tensor) -> t
     (positions into its per-image tensors) they still look at."""
     used, inverse = unique_in_order(inverse[keep])
     return objects[keep], inverse, used
-
-
-class CachedBatchDataset(Dataset):
-    """One batch of objects per item: their images' stored embeddings in the storage dtype, each entry
-    read once; an unreadable entry comes back as zeros, flagged (healed by the loader)."""
-
-    def __init__(self, cache: FeatureCache, keys: Sequence[str], object_image: torch.Tensor):
-        self.cache = cache
-        self.keys = keys
-        self.object_image = object_image
-        self.dtype = torch_dtype(cache.dtype)
-
-    def __len__(self) -> int:
-        return len(self.object_image)
-
-    def __getitem__(self, objects: list[int]):
-        picked, images, inverse = batch_images(self.object_image, objects)
-        stored = [self.cache.load(self.keys[i], count=False) for i in images.tolist()]
-        bad = torch.tensor([entry is None for entry in stored], dtype=torch.bool)
-        features = torch.stack([torch.zeros(self.cache.shape, dtype=self.dtype) if entry is None
-                                else torch.from_numpy(entry) for entry in stored])
-        return picked, images, inverse, features, bad
 
 
 class ImageBatchDataset(Dataset):
@@ -318,15 +292,15 @@ def extract(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
 
 def warm_up(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str],
             get_encoder: Callable[[], ImageEncoder], batch_size: int, num_workers: int,
-            stop: StopRequest | None = None) -> tuple[int, int, dict[int, str]]:
+            stop: StopRequest | None = None, census: bool = False) -> tuple[int, int, dict[int, str]]:
     """Extract every entry the manifest does not list; returns (found, extracted, failed images).
 
     Listed entries are trusted here and verified when read; an entry on disk that no manifest lists
     (written by a version before journals) is listed now instead of extracted again. Under torchrun
     rank 0 decides what is missing and every rank encodes its own disjoint share of it (no image
     twice, no padding); the counts and failures returned are the whole world's."""
-    plan: tuple[list[int], dict] = _plan(cache, records, keys) if distributed.is_main() else ([], {})
-    missing, unlisted = distributed.broadcast(plan)
+    plan: tuple[list[int], dict] = _plan(cache, records, keys, census) if distributed.is_main() else ([], {})
+    missing, _unlisted = distributed.broadcast(plan)
     hits = len(keys) - len(missing)
     log.info("feature cache %s: %d of %d entries present (%.0f%%), %d to extract%s", cache.dir, hits, len(keys),
              100.0 * hits / max(1, len(keys)), len(missing),
@@ -352,9 +326,15 @@ def warm_up(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
     return hits, extracted, {i: failed_keys[k] for i, k in enumerate(keys) if k in failed_keys}
 
 
-def _plan(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str]) -> tuple[list[int], dict]:
-    """(images to extract, entries on disk that no manifest lists, which are listed here)."""
-    listed = cache.listed()
+def _plan(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str],
+          census: bool = False) -> tuple[list[int], dict]:
+    """(images to extract, entries on disk that no manifest lists, which are listed here); the manifest
+    is read once (`census`: and what it holds for other encoders is said)."""
+    encoders = cache.manifest.read()
+    listed = encoders[cache.tag].entries if cache.tag in encoders else {}
+    if census:
+        log.info("auto-detect %s: %d entries for %s, %d for other encoders", cache.dir, len(listed),
+                 cache.identity.short(), sum(len(e.entries) for t, e in encoders.items() if t != cache.tag))
     missing, unlisted, queued = [], {}, set()
     for i, key in enumerate(keys):
         if key in listed or key in queued:
@@ -423,42 +403,70 @@ class FeatureBatches:
 
 
 class InMemoryFeatures(FeatureBatches):
-    """The whole split's images in one tensor (float32 when it fits, else the storage dtype), indexed per batch."""
+    """The whole split's images in one tensor (float32 when it fits, else the storage dtype), gathered
+    per batch into a reused float32 buffer: a fresh 64 MiB batch would cost more in page faults than
+    the copy. A store in host RAM while training on CUDA gathers into pinned buffers, copied to the GPU
+    asynchronously (two, so that one fills while the other's copy is in flight)."""
 
     def __init__(self, store: torch.Tensor, split: SplitData, batch_size: int, device: torch.device,
                  sampler: Sampler | None = None):
         super().__init__(split, batch_size, sampler)
         self.store = store
         self.device = device
+        staged = store.device.type == "cpu" and device.type == "cuda"
+        self.buffers = [torch.empty((batch_size, *store.shape[1:]), dtype=torch.float32, device=store.device,
+                                    pin_memory=staged) for _ in range(2 if staged else 1)]
+        self.copied: list[torch.cuda.Event | None] = [None] * len(self.buffers)
 
     def __iter__(self) -> Iterator[FeatureBatch]:
-        for objects in object_batches(self.size, self.batch_size, self.sampler):
+        for step, objects in enumerate(object_batches(self.size, self.batch_size, self.sampler)):
             picked = torch.tensor(objects, dtype=torch.long)
             picked, images, inverse = batch_images(self.object_image, picked[self._usable(picked)])
-            batch = self.store.index_select(0, images.to(self.store.device))
+            slot = step % len(self.buffers)
+            copied = self.copied[slot]
+            if copied is not None:
+                copied.synchronize()  # the GPU has its copy of what this buffer held
+            batch = self.buffers[slot][:len(images)]
+            if self.store.dtype == batch.dtype:
+                torch.index_select(self.store, 0, images.to(self.store.device), out=batch)
+            else:
+                for row, image in zip(batch, images.tolist()):
+                    row.copy_(self.store[image])
             self.cache_reads += len(picked)
-            yield FeatureBatch(picked, batch.to(self.device, non_blocking=True), inverse)
+            features = batch.to(self.device, non_blocking=True)
+            if features.data_ptr() != batch.data_ptr():  # staged: the buffer is free once the copy is done
+                event = torch.cuda.Event()
+                event.record()
+                self.copied[slot] = event
+            yield FeatureBatch(picked, features, inverse)
 
 
 Healer = Callable[[list[int]], dict[int, np.ndarray]]
 
 
 class StreamedFeatures(FeatureBatches):
-    """Entries read from disk by DataLoader workers, a batch of objects per item; an entry that turns
-    out bad is re-extracted here."""
+    """Entries read from disk a few batches ahead by reader threads into reused float32 buffers
+    (`reader.BatchStream`); an entry that turns out bad is re-extracted here."""
 
     def __init__(self, cache: FeatureCache, keys: Sequence[str], split: SplitData, heal: Healer, batch_size: int,
                  num_workers: int, device: torch.device, sampler: Sampler | None = None):
         super().__init__(split, batch_size, sampler)
-        self.loader = make_loader(CachedBatchDataset(cache, keys, self.object_image), None, num_workers, device,
-                                  object_batches(self.size, batch_size, sampler))
+        self.stream = BatchStream(cache, keys, max(2, num_workers), batch_size, pin=device.type == "cuda")
         self.heal = heal
         self.device = device
 
+    def _plan(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for objects in object_batches(self.size, self.batch_size, self.sampler):
+            picked = torch.tensor(objects, dtype=torch.long)
+            yield batch_images(self.object_image, picked[self._usable(picked)])
+
     def __iter__(self) -> Iterator[FeatureBatch]:
-        for objects, images, inverse, features, bad in self.loader:
-            objects, inverse, used = _keep(objects, inverse, self._usable(objects))
-            images, features, bad = images[used], features[used], bad[used]
+        for read in self.stream.batches(self._plan()):
+            # images excluded since this batch was planned (an entry that could not be healed) drop out
+            objects, inverse, used = _keep(read.objects, read.inverse, self._usable(read.objects))
+            images, features, bad = read.images[used], read.features, read.bad[used]
+            if len(used) < len(read.images):
+                features = features[used]
             lost = torch.zeros(len(images), dtype=torch.bool)
             broken = bad.nonzero().flatten().tolist()
             if broken:
@@ -475,7 +483,11 @@ class StreamedFeatures(FeatureBatches):
             if bool(lost.any()):
                 objects, inverse, used = _keep(objects, inverse, ~lost[inverse])
                 features = features[used]
-            yield FeatureBatch(objects, features.to(self.device, non_blocking=True), inverse)
+            on_device = features.to(self.device, non_blocking=True)
+            if self.device.type == "cuda" and on_device.data_ptr() != features.data_ptr():
+                read.done = torch.cuda.Event()  # the ring buffer is refilled only once this copy is done
+                read.done.record()
+            yield FeatureBatch(objects, on_device, inverse)
 
 
 class EncodedFeatures(FeatureBatches):
@@ -577,17 +589,20 @@ class FeatureSources:
             self._encoder = build_encoder(self.cfg.hqsam, self.device, self.identity)
         return self._encoder
 
-    def _memory_budget(self) -> tuple[str, int]:
-        """Where an in-memory split lives (the training device) and how many bytes it may take there."""
+    def _memory_budget(self) -> dict[str, int]:
+        """Where in-memory splits may live and how many bytes each place may take, in order of
+        preference: the training device; on CUDA also the host RAM (pinned batches copied over), so
+        a GPU machine with much RAM does not stream from disk what its GPU cannot hold."""
         setting = self.cfg.optimization.feature_cache
         if setting.in_memory is False:
-            return "none", 0
+            return {}
         if setting.memory_budget_gb:
-            return self.device.type, int(setting.memory_budget_gb * 2**30)
-        if self.device.type == "cuda":
-            return "cuda", int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
+            return {self.device.type: int(setting.memory_budget_gb * 2**30)}
         sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() else 1
-        return "cpu", available_memory() // 2 // sharing  # the ranks of one machine share its RAM
+        host = available_memory() // 2 // sharing  # the ranks of one machine share its RAM
+        if self.device.type == "cuda":
+            return {"cuda": int(torch.cuda.mem_get_info(self.device)[0] * 0.5), "cpu": host}
+        return {"cpu": host}
 
     def warm(self, split: SplitData) -> tuple[FeatureCache, list[str]]:
         """Extract the split's missing entries (shared across ranks under torchrun); returns its cache and
@@ -595,13 +610,9 @@ class FeatureSources:
         cache_cfg = self.cfg.optimization.feature_cache
         cache = FeatureCache(cache_cfg.cache_dir, split.split, self.identity, cache_cfg.storage_dtype)
         self.caches[split.split] = cache
-        keys = [cache.key_for(sha256_file(s.image_path)) for s in split.images]
-        if cache_cfg.auto_detect:
-            mine, other = cache.census()
-            log.info("auto-detect %s: %d entries for %s, %d for other encoders", cache.dir, mine,
-                     self.identity.short(), other)
+        keys = [cache.key_for(s.digest or sha256_file(s.image_path)) for s in split.images]
         found, extracted, failed = warm_up(cache, split.images, keys, lambda: self.encoder, self.cfg.hqsam.batch_size,
-                                           self.cfg.data.num_workers, self.stop)
+                                           self.cfg.data.num_workers, self.stop, census=cache_cfg.auto_detect)
         self.found += found
         self.extracted += extracted
         for index, reason in sorted(failed.items()):
@@ -627,32 +638,44 @@ class FeatureSources:
         return InMemoryFeatures(store, split, batch_size, self.device, sampler)
 
     def _load_store(self, cache: FeatureCache, keys: Sequence[str], split: SplitData, heal: Healer) -> torch.Tensor | None:
-        """Read every entry into one tensor, when the budget allows; None means stream from disk."""
-        place, budget = self._budget
+        """Read every entry into one tensor, when a budget allows; None means stream from disk."""
         setting = self.cfg.optimization.feature_cache.in_memory
-        per_entry = int(np.prod(cache.shape))
-        dtype = None
-        for candidate in (np.dtype(np.float32), cache.dtype):
-            if len(keys) * per_entry * candidate.itemsize <= budget or (setting is True and candidate == cache.dtype):
-                dtype = candidate
-                break
-        if place == "none" or dtype is None:
-            log.info("%s: %d entries (%.0f MiB) stream from disk (in_memory=%s, budget %.0f MiB)", cache.dir, len(keys),
-                     len(keys) * cache.entry_bytes / 2**20, setting, budget / 2**20)
+        place, dtype = store_placement(len(keys) * int(np.prod(cache.shape)), cache.dtype, self._budget, setting is True)
+        if place is None or dtype is None:
+            budgets = ", ".join(f"{p} {b / 2**20:.0f} MiB" for p, b in self._budget.items()) or "none"
+            log.info("%s: %d entries (%.0f MiB) stream from disk (in_memory=%s, budget %s)", cache.dir, len(keys),
+                     len(keys) * cache.entry_bytes / 2**20, setting, budgets)
             return None
-        size = len(keys) * per_entry * dtype.itemsize
-        self._budget = (place, budget - size)
-        store = torch.zeros((len(keys), *cache.shape), dtype=torch_dtype(dtype), device=self.device)
-        broken = []
+        size = len(keys) * int(np.prod(cache.shape)) * dtype.itemsize
+        self._budget[place] -= size
+        store = torch.zeros((len(keys), *cache.shape), dtype=torch_dtype(dtype), device=place)
+        reader, broken = EntryReader(cache), []
+        staging = None if place == "cpu" else torch.empty(cache.shape, dtype=torch_dtype(cache.dtype))
+        scratch = np.empty(cache.shape, cache.dtype) if staging is None and dtype != cache.dtype else None
         for i, key in enumerate(progress(keys, desc=f"Loading {cache.dir.name} into memory", unit="entry", leave=False)):
             if i in split.excluded:
                 continue
-            stored = cache.load(key)
-            if stored is None:
+            if not reader.read_into(key, store[i] if staging is None else staging, scratch, count=True):
                 broken.append(i)
-            else:
-                store[i] = torch.from_numpy(stored)  # fp16 -> fp32 once per run, not once per epoch
+                continue
+            cache.stats.bytes_read += reader.nbytes
+            if staging is not None:
+                store[i].copy_(staging)  # fp16 -> fp32 once per run, not once per epoch
         for i, stored in heal(broken).items() if broken else ():
             store[i] = torch.from_numpy(stored)
         log.info("%s: %d entries held in %s memory as %s (%.0f MiB)", cache.dir, len(keys), place, dtype.name, size / 2**20)
         return store
+
+
+def store_placement(values: int, storage: np.dtype, budgets: dict[str, int],
+                    always: bool) -> tuple[str | None, np.dtype | None]:
+    """Where a split of `values` numbers is held and as what: the first place (in the budgets' order)
+    where it fits, as float32 there if it fits so, else in the storage dtype; `always` (in_memory:
+    true) takes the first place in the storage dtype whatever its budget. (None, None): stream."""
+    for place, budget in budgets.items():
+        for dtype in (np.dtype(np.float32), np.dtype(storage)):
+            if values * dtype.itemsize <= budget:
+                return place, dtype
+    if always and budgets:
+        return next(iter(budgets)), np.dtype(storage)
+    return None, None

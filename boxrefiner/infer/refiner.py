@@ -26,7 +26,7 @@ import torch
 
 from boxrefiner.boxes import normalise_boxes, pixel_boxes
 from boxrefiner.config import Config, ConfigError, HQSAMConfig, ModelType, Precision, config_from_dict
-from boxrefiner.data.splits import DECODE_ERRORS, oriented_size
+from boxrefiner.data.images import DECODE_ERRORS, oriented_size
 from boxrefiner.features.cache import FeatureCache
 from boxrefiner.features.encoder import (
     ENCODER_REVISIONS,

@@ -44,6 +44,7 @@ class Trajectory:
     inputs: torch.Tensor  # (N, 4) the boxes it was given
     boxes: list[torch.Tensor]  # K x (N, 4): the boxes after each iteration
     quality: torch.Tensor | None  # (K + 1, N) IoU logits of inputs, then of each iteration's box; None: no quality head
+    steps: torch.Tensor | None = None  # (K, N) each iteration's largest |delta|: where an early stop would end
 
     @property
     def candidates(self) -> torch.Tensor:
@@ -53,6 +54,28 @@ class Trajectory:
     @property
     def iou_pred(self) -> torch.Tensor | None:
         return None if self.quality is None else torch.sigmoid(self.quality.float())
+
+    def rows(self, keep: torch.Tensor) -> Trajectory:
+        """The trajectories of some boxes (a mask or indices over N)."""
+        return Trajectory(self.inputs[keep], [b[keep] for b in self.boxes],
+                          None if self.quality is None else self.quality[:, keep],
+                          None if self.steps is None else self.steps[:, keep])
+
+    def stopped(self, threshold: float) -> Trajectory:
+        """The trajectory an early stop at `threshold` gives: a box whose largest delta falls below it
+        in iteration k keeps that iteration's box (and its predicted IoU) for the remaining ones.
+
+        The same numbers as stopping inside the loop, where a stopped box is still looked at every
+        iteration: each box's computation is independent of the others', so one run serves both the
+        loss (every iteration) and inference (stopped)."""
+        assert self.steps is not None, "a trajectory without per-iteration steps cannot be stopped"
+        count = len(self.boxes)
+        small = self.steps < threshold  # (K, N)
+        last = torch.where(small.any(dim=0), small.int().argmax(dim=0), count - 1)  # the iteration whose box stays
+        keep = torch.minimum(torch.arange(count + 1, device=last.device)[:, None], last[None] + 1)  # (K + 1, N)
+        candidates = self.candidates.gather(0, keep[..., None].expand(-1, -1, 4))
+        quality = None if self.quality is None else self.quality.gather(0, keep)
+        return Trajectory(self.inputs, list(candidates[1:].unbind(0)), quality, self.steps)
 
     def select(self, gate: bool = True, keep_margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Each box's answer: (boxes (N, 4), their predicted IoU (N,) or None, chosen candidate (N,)).
@@ -149,29 +172,28 @@ class BoxRefinementModule(nn.Module):
         """Refine `boxes` (N, 4); `extent` (N, 2) is each box's image width, height in the same frame.
 
         With `stop_threshold`, a box whose largest delta falls below it keeps its place for the
-        remaining iterations (inference); training runs every iteration on every box. `widened`:
+        remaining iterations (inference, `Trajectory.stopped`); training uses every iteration. `widened`:
         `features` are already `context_maps(features)`."""
         inputs = boxes = boxes.float()
         if not widened:  # the whole map is needed: widen it once, then every box samples the result
             features = self.context_maps(features)
         groups = _equal_groups(image_index, features.shape[0])
-        active = torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)
         iterations: list[torch.Tensor] = []
         quality: list[torch.Tensor] = []  # filled only with a quality head
+        steps: list[torch.Tensor] = []
         for _ in range(num_iter or self.max_iter):
             deltas, q = self.look(features, boxes, image_index, groups)
             refined = clip_boxes(apply_deltas(boxes, deltas), extent.float())
-            if stop_threshold is not None:
-                refined = torch.where(active[:, None], refined, boxes)
-                active = active & (deltas.abs().amax(dim=1) >= stop_threshold)
             iterations.append(refined)
+            steps.append(deltas.detach().abs().amax(dim=1))
             if q is not None:
                 quality.append(q)
             boxes = refined.detach()  # each step learns to correct the previous one, not to steer it
         last = self.look(features, boxes, image_index, groups)[1] if self.quality_head else None
         if last is not None:
             quality.append(last)  # how good the final box is
-        return Trajectory(inputs, iterations, torch.stack(quality) if quality else None)
+        trajectory = Trajectory(inputs, iterations, torch.stack(quality) if quality else None, torch.stack(steps))
+        return trajectory if stop_threshold is None else trajectory.stopped(stop_threshold)
 
 
 def _equal_groups(image_index: torch.Tensor | None, images: int) -> int | None:

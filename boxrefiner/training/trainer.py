@@ -15,7 +15,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from boxrefiner.config import Config, ConfigError
-from boxrefiner.data.splits import DataError, SplitData, describe_layout, load_split
+from boxrefiner.data.layout import DataError
+from boxrefiner.data.splits import SplitData, describe_layout, load_split
 from boxrefiner.data.targets import InputSet, Targets, validation_inputs
 from boxrefiner.features.sources import FeatureSources
 from boxrefiner.modeling.build import build_model
@@ -36,7 +37,9 @@ from boxrefiner.training.runlock import RunLock
 from boxrefiner.training.schedule import build_optimization, realign_schedule
 from boxrefiner.training.validate import evaluate
 from boxrefiner.utils import distributed
+from boxrefiner.utils.allocator import gc_paused
 from boxrefiner.utils.files import append_jsonl, write_jsonl
+from boxrefiner.utils.memo import FileMemo
 from boxrefiner.utils.signals import Interrupted, StopRequest, stop_requested
 
 log = logging.getLogger(__name__)
@@ -129,7 +132,8 @@ def setup(cfg: Config, device: torch.device, resumed: dict | None, resume: str |
           stop: StopRequest | None) -> Run:
     """Data, model, features, optimizer and (when resuming) the saved state, in the order that keeps a
     run's random draws the same cold or warm, resumed or not."""
-    train_split, val_split = prepare_splits(cfg, debug)
+    with gc_paused():  # linear in the images: see gc_paused
+        train_split, val_split = prepare_splits(cfg, debug)
     samples = {split.split: sample_digest(split) for split in (train_split, val_split)}
     if resumed is not None and resumed["samples"] != samples:
         raise CheckpointError(f"resuming from {resume}: the images, objects or detections of the splits differ from "
@@ -215,10 +219,19 @@ def wrap_for_ranks(model: BoxRefinementModule, device: torch.device, seed: int) 
 def prepare_splits(cfg: Config, debug: bool = False) -> tuple[SplitData, SplitData]:
     """Index both splits; train is sampled by data.sample_ratio, both capped by the debug image count."""
     cap = cfg.debug.max_samples if debug else None
+    # what was read of unchanged files comes from the cache folder's memo (rank 0 alone records what it
+    # reads); with the cache off every epoch reads the images anyway, and nothing is written there
+    folder = cfg.optimization.feature_cache.cache_dir if cfg.cache_enabled else None
+    memo = FileMemo.in_cache(folder, write=distributed.is_main()) if folder else FileMemo(None)
     train = load_split(cfg.data, cfg.data.train_split, sample_ratio=cfg.data.sample_ratio, max_samples=cap,
-                       seed=cfg.training.seed, detections=cfg.data.train_detections)
+                       seed=cfg.training.seed, detections=cfg.data.train_detections, memo=memo,
+                       digests=cfg.cache_enabled)
     val = load_split(cfg.data, cfg.data.val_split, max_samples=cap, seed=cfg.training.seed,
-                     detections=cfg.data.val_detections)
+                     detections=cfg.data.val_detections, memo=memo, digests=cfg.cache_enabled)
+    memo.close()
+    if folder:
+        log.info("start-up memo: %d of %d file reads remembered (unchanged since read)", memo.hits,
+                 memo.hits + memo.misses)
     for split in (train, val):
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(split.skipped.items())) or "none"
         log.info("%s split: %d objects on %d images used; skipped: %s", split.split, len(split.objects),

@@ -1,5 +1,6 @@
-"""Validation: the loss on the run's own boxes, then what inference returns (early stop, gate) for
-every set of fixed input boxes, against the input; counts objects (boxes), not images."""
+"""Validation: the loss on the run's own boxes, and what inference returns (early stop, gate) for
+every set of fixed input boxes, against the input, from one run of the head over all of them;
+counts objects (boxes), not images."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from boxrefiner.boxes import (
     box_iou,
 )
 from boxrefiner.config import Config
-from boxrefiner.data.splits import DataError
+from boxrefiner.data.layout import DataError
 from boxrefiner.data.targets import InputSet, Targets
 from boxrefiner.features.encoder import (
     autocast_context,
@@ -55,13 +56,11 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
         boxes = torch.cat([inputs[name].boxes[r] for name, (r, _) in zip(names, rows)])[order].to(device)
         which = torch.cat([torch.full((len(r),), k) for k, (r, _) in enumerate(rows)])[order]
         position = position[order].to(device)
-        with autocast_context(device, precision):
-            maps = model.context_maps(batch.features)  # once for both passes
-            own = inputs[""].boxes[objects].to(device)
-            trajectory = model(maps, own, extent, widened=True, image_index=None if batch.one_per_image else image_index)
-            loss = training_loss(trajectory, gt, cfg)
-            result = model(maps, boxes, extent[position], stop_threshold=cfg.refinement.stop_threshold,
-                           image_index=image_index[position], widened=True)
+        with autocast_context(device, precision):  # one pass: every iteration of every box ...
+            trajectory = model(batch.features, boxes, extent[position], image_index=image_index[position])
+            own = which == names.index("")  # ... the loss on the run's own boxes (objects in batch order) ...
+            loss = training_loss(trajectory.rows(own), gt[position[own]], cfg)
+        result = trajectory.stopped(cfg.refinement.stop_threshold)  # ... and what inference returns
         chosen, predicted, _ = result.select(cfg.refinement.gate, cfg.refinement.keep_margin)
         truth = gt[position]
         before, after = box_iou(boxes, truth).cpu(), box_iou(chosen, truth).cpu()

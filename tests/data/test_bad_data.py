@@ -9,7 +9,7 @@ from conftest import small_config
 from test_fungitastic_layout import CAP, _image
 
 from boxrefiner.config import config_from_dict
-from boxrefiner.data.splits import DataError
+from boxrefiner.data.layout import DataError
 from boxrefiner.training.trainer import train
 
 GOOD = ["g1.JPG", "g2.JPG", "g3.JPG"]
@@ -20,18 +20,19 @@ def messy_root(tmp_path):
     root = tmp_path / "FungiTastic"
     meta = root / "metadata" / "FungiTastic-Mini"
     meta.mkdir(parents=True)
-    names = GOOD + ["nomask.JPG", "missing.JPG", "badrle.JPG", "outside.JPG", "tiny.JPG", "garbage.JPG", "truncated.JPG"]
+    names = [*GOOD, "nomask.JPG", "missing.JPG", "badrle.JPG", "outside.JPG", "tiny.JPG", "garbage.JPG", "truncated.JPG"]
     pd.DataFrame({"filename": names}).to_csv(meta / "FungiTastic-Mini-Train.csv", index=False)
     pd.DataFrame({"filename": ["v1.JPG"]}).to_csv(meta / "FungiTastic-Mini-ClosedSet-Val.csv", index=False)
     folder = root / "FungiTastic-Mini" / "train" / "300p"
-    for name in GOOD + ["nomask.JPG", "badrle.JPG", "outside.JPG", "tiny.JPG", "truncated.JPG"]:
+    for name in [*GOOD, "nomask.JPG", "badrle.JPG", "outside.JPG", "tiny.JPG", "truncated.JPG"]:
         _image(folder / name)
     _image(root / "FungiTastic-Mini" / "val" / "300p" / "v1.JPG")
     (folder / "garbage.JPG").write_bytes(b"this is not a JPEG")
     data = (folder / "truncated.JPG").read_bytes()
     (folder / "truncated.JPG").write_bytes(data[: len(data) // 2])  # header fine, pixels cut off
-    row = lambda name, rle: {"file_name": name, "label": "cap", "width": 80, "height": 60, "rle": str(rle)}
-    rows = [row(n, CAP) for n in GOOD + ["missing.JPG", "garbage.JPG", "truncated.JPG"]] + [
+    def row(name, rle):
+        return {"file_name": name, "label": "cap", "width": 80, "height": 60, "rle": str(rle)}
+    rows = [row(n, CAP) for n in [*GOOD, "missing.JPG", "garbage.JPG", "truncated.JPG"]] + [
         row("badrle.JPG", [1, 2, 3, 10, 4, 13, 6]),           # runs cover 6 of 12 pixels
         row("outside.JPG", [0, 4, 78, 58, 79, 59 + 2]),      # box reaches row 61 of a 60-row image
         row("tiny.JPG", [0, 1, 5, 5, 5, 5]),                 # one pixel at 80x60 -> half a pixel at 40x30

@@ -13,15 +13,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from boxrefiner.config import config_from_dict
+from boxrefiner.data.layout import DataError
 from boxrefiner.data.masks import ground_truth_masks
 from boxrefiner.data.rle import encode_cvat_rle
-from boxrefiner.data.splits import (
-    DataError,
-    ImageRecord,
-    ObjectRecord,
-    SplitData,
-    load_split,
-)
+from boxrefiner.data.splits import ImageRecord, ObjectRecord, SplitData, load_split
 from boxrefiner.data.yolo import label_path
 
 W, H = 40, 30  # every image on disk

@@ -10,7 +10,9 @@ from conftest import small_config
 from PIL import Image
 
 from boxrefiner.config import DataConfig, config_from_dict
-from boxrefiner.data.splits import DataError, load_rgb, load_split, oriented_size
+from boxrefiner.data.images import load_rgb, oriented_size
+from boxrefiner.data.layout import DataError
+from boxrefiner.data.splits import load_split
 
 # Masks drawn on an 80x60 image; the loaded 300p-style copy is 40x30 (scale 0.5).
 CAP = [1, 2, 1, 4, 1, 2, 1, 10, 4, 13, 6]  # box x 10..13, y 4..6; rows 0110 / 1111 / 0110

@@ -54,7 +54,7 @@ def test_preprocess_scales_longest_side_and_pads_right_bottom():
 
 
 def test_wrapped_checkpoint_is_unwrapped(sam_tiny_checkpoint, tmp_path):
-    sam, path = sam_tiny_checkpoint
+    sam, _path = sam_tiny_checkpoint
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"model": sam.state_dict(), "epoch": 3}, wrapped)
     cfg = HQSAMConfig(checkpoint=str(wrapped), model_type="vit_tiny")
@@ -129,10 +129,11 @@ def test_cached_entry_is_the_predictors_features_in_float16(sam_tiny_checkpoint,
     from segment_anything_hq import SamPredictor
 
     from boxrefiner.config import DataConfig
-    from boxrefiner.data.splits import load_rgb, load_split
+    from boxrefiner.data.images import load_rgb
+    from boxrefiner.data.splits import load_split
     from boxrefiner.features.cache import FeatureCache
-    from boxrefiner.utils.files import sha256_file
     from boxrefiner.features.sources import warm_up
+    from boxrefiner.utils.files import sha256_file
 
     sam, path = sam_tiny_checkpoint
     sample = load_split(DataConfig(data_root=str(synthetic_root)), "val").images[0]
@@ -177,7 +178,7 @@ def perturbed(request, tmp_path_factory, synthetic_root):
     masks for one image with those weights (loaded, then switched to eval, as a correct loader does)."""
     from segment_anything_hq import SamPredictor
 
-    from boxrefiner.data.splits import load_rgb
+    from boxrefiner.data.images import load_rgb
     model_type, size = request.param
     torch.manual_seed(5)
     sam = reference_sam(model_type, size)
@@ -218,12 +219,8 @@ def perturbed_config(perturbed, work, **training):
 
 
 def one_sample_split(perturbed):
-    from boxrefiner.data.splits import (
-        ImageRecord,
-        ObjectRecord,
-        SplitData,
-        oriented_size,
-    )
+    from boxrefiner.data.images import oriented_size
+    from boxrefiner.data.splits import ImageRecord, ObjectRecord, SplitData
     width, height = oriented_size(perturbed["image"])
     return SplitData("val", [ImageRecord(perturbed["image"].name, perturbed["image"], width, height)],
                      [ObjectRecord(0, (10, 10, 100, 100))])

@@ -34,7 +34,7 @@ def test_the_ranks_pieces_of_each_step_make_the_one_process_batch(size, batch, w
     assert steps == {len(kept)}
     for step, expected in enumerate(kept):
         pieces = [together[rank][step] for rank in range(world)]
-        assert all(pieces) and sum(pieces, []) == expected
+        assert all(pieces) and [o for piece in pieces for o in piece] == expected
 
 
 def test_the_epoch_length_counts_the_full_epoch_not_the_skipped_part():
@@ -47,5 +47,5 @@ def test_the_epoch_length_counts_the_full_epoch_not_the_skipped_part():
 @pytest.mark.parametrize(("size", "world"), [(8, 2), (3, 4), (10, 3)])
 def test_validation_shards_cover_every_object_once(size, world):
     shards = [list(Strided(size, rank, world)) for rank in range(world)]
-    assert sorted(sum(shards, [])) == list(range(size))
+    assert sorted(o for shard in shards for o in shard) == list(range(size))
     assert [Strided(size, r, world).objects_per_epoch for r in range(world)] == [len(s) for s in shards]

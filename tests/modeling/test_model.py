@@ -147,3 +147,42 @@ def test_maps_widened_once_give_what_forward_computes_itself():
     once, itself = model(maps, box, EXTENT, widened=True), model(features, box, EXTENT)
     torch.testing.assert_close(torch.stack(once.boxes), torch.stack(itself.boxes), rtol=0, atol=0)
     torch.testing.assert_close(once.quality, itself.quality, rtol=0, atol=0)
+
+
+def _stopped_in_the_loop(model: BoxRefinementModule, features, boxes, extent, threshold):
+    """The early stop as earlier versions ran it: a converged box is frozen inside the loop and still
+    looked at every iteration (the reference the one-pass `Trajectory.stopped` must equal)."""
+    from boxrefiner.boxes import apply_deltas, clip_boxes
+    maps = model.context_maps(features)
+    active = torch.ones(len(boxes), dtype=torch.bool)
+    iterations, quality = [], []
+    for _ in range(model.max_iter):
+        deltas, q = model.look(maps, boxes)
+        refined = torch.where(active[:, None], clip_boxes(apply_deltas(boxes, deltas), extent), boxes)
+        active = active & (deltas.abs().amax(dim=1) >= threshold)
+        iterations.append(refined)
+        quality.append(q)
+        boxes = refined
+    quality.append(model.look(maps, boxes)[1])
+    return iterations, torch.stack(quality)
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.3, 0.6, 1.0])
+def test_one_pass_early_stop_equals_stopping_inside_the_loop(quantile):
+    model = untrained(max_iter=4, context_layers=1).eval()
+    perturb(model, 0.3)
+    torch.manual_seed(1)
+    features, start = torch.randn(6, 256, 16, 16), torch.rand(6, 2) * 0.4
+    boxes = torch.cat([start, start + 0.2 + torch.rand(6, 2) * 0.3], dim=1)
+    extent = torch.ones(6, 2)
+    with torch.no_grad():
+        full = model(features, boxes, extent)
+        threshold = float(full.steps.quantile(quantile)) + 1e-6 * (quantile == 1.0)  # none, some, every box stops
+        stopped = model(features, boxes, extent, stop_threshold=threshold)
+        expected_boxes, expected_quality = _stopped_in_the_loop(model, features, boxes, extent, threshold)
+    for got, want in zip(stopped.boxes, expected_boxes):
+        assert torch.equal(got, want)
+    assert torch.equal(stopped.quality, expected_quality)
+    frozen = (full.steps < threshold).any(dim=0)
+    assert int(frozen.sum()) == {0.0: 0, 1.0: 6}.get(quantile, int(frozen.sum())) and (quantile in (0.0, 1.0) or 0 < frozen.sum() < 6)
+    assert torch.equal(full.rows(~frozen).boxes[-1], stopped.rows(~frozen).boxes[-1])  # the others run to the end

@@ -160,7 +160,7 @@ def test_yolo_finds_detections_named_by_bare_file_name(multi_root, tmp_path):
     assert len(split.detections) >= len(split.objects) // 2  # the detector's bare names found them
     bad = tmp_path / "nowhere.json"
     bad.write_text(json.dumps([{"file_name": "nowhere.jpg", "bbox": [0, 0, 5, 5]}]))
-    from boxrefiner.data.splits import DataError
+    from boxrefiner.data.layout import DataError
     with pytest.raises(DataError, match="none of its 1 boxes matched an object of split 'val'"):
         load_split(cfg.data, "val", detections=str(bad))
 
