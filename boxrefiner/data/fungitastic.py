@@ -156,12 +156,21 @@ class _LazyRows:
     def __init__(self, parquet: Path, names: set[str]):
         self.parquet, self.names = parquet, names
         self._rows: dict[str, list[tuple]] | None = None
+        self._error: DataError | None = None
         self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> list[tuple]:
         with self._lock:
+            if self._error is not None:
+                raise self._error  # read once: a bad parquet fails every image at once, not once each
             if self._rows is None:
-                self._rows = read_masks(self.parquet, self.names)
+                try:
+                    self._rows = read_masks(self.parquet, self.names)
+                except DataError as exc:
+                    self._error = exc
+                    raise
+        if name not in self._rows:  # the parquet was replaced since its names were read
+            raise SkipImage("no_mask", f"{self.parquet} no longer has masks for it")
         return self._rows[name]
 
 

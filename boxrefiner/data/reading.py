@@ -29,6 +29,9 @@ from boxrefiner.utils.progress import progress
 log = logging.getLogger(__name__)
 
 Annotated = tuple[tuple[float, float] | None, list[RawObject]]
+# Memo kinds, with the version of what they hold: a reader that derives them differently bumps it.
+IMAGE, OBJECTS = "image/1", "objects/1"
+TRANSIENT = "transient"  # the file could not be read now (not remembered)
 _THREADS = min(16, 4 * (os.cpu_count() or 1))
 
 
@@ -95,9 +98,9 @@ def read_images(images: Sequence[RawImage], memo: FileMemo, digests: bool, desc:
         fact = facts[i]
         fact.present = True
         if raw.memo is not None and (source := sources(raw.memo[0])) is not None:
-            remembered = memo.get("objects", raw.memo[0], source, raw.memo[1])
+            remembered = memo.get(OBJECTS, raw.memo[0], source, raw.memo[1])
             fact.annotated = None if remembered is None else _decode(remembered)
-        value = memo.get("image", raw.path, found)
+        value = memo.get(IMAGE, raw.path, found)
         known = isinstance(value, dict) and isinstance(value.get("w"), int) and isinstance(value.get("h"), int)
         if known:
             fact.size = (value["w"], value["h"])
@@ -128,23 +131,36 @@ def _read(images: Sequence[RawImage], facts: list[ImageFacts], todo: list[tuple[
             try:
                 width, height = oriented_size(raw.path)
                 value = {"w": width, "h": height, **({"d": sha256_file(raw.path)} if digests else {})}
-            except DECODE_ERRORS:
-                value = "unreadable"
+            except DECODE_ERRORS as exc:
+                # the file's content does not decode: remembered; the system refused to read it (access,
+                # I/O, a stale mount): unreadable now, read again next time, when it may be fixed
+                value = TRANSIENT if isinstance(exc, OSError) and exc.errno is not None else "unreadable"
         return index, started, found, value
 
     log.info("%s: reading %d of %d images and their annotations (%d threads); the others are remembered", desc,
              len(todo), len(images), _THREADS)
     stats = {index: st for index, st, _, _ in todo}
-    with ThreadPoolExecutor(_THREADS) as pool, progress(total=len(todo), desc=desc, unit="img", leave=False) as bar:
-        for index, started, found, value in pool.map(work, todo):
-            raw, fact = images[index], facts[index]
-            if found is not None:
-                fact.annotated = found
-                source = sources(raw.memo[0]) if raw.memo is not None else None
-                if raw.memo is not None and source is not None:
-                    memo.put("objects", raw.memo[0], source, _encode(found), raw.memo[1], read_at=started)
-            if value is not None:
-                if isinstance(value, dict):
-                    fact.size, fact.digest = (value["w"], value["h"]), value.get("d")
-                memo.put("image", raw.path, stats[index], value, read_at=started)
-            bar.update()
+    pool = ThreadPoolExecutor(_THREADS)
+    try:
+        with progress(total=len(todo), desc=desc, unit="img", leave=False) as bar:
+            for index, started, found, value in pool.map(work, todo):
+                _record(images[index], facts[index], stats[index], started, found, value, memo, sources)
+                bar.update()
+    except BaseException:  # an error or a second Ctrl-C: do not wait for the reads still queued
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _record(raw: RawImage, fact: ImageFacts, stat: os.stat_result, started: int, found: Annotated | SkipImage | None,
+            value: Any, memo: FileMemo, sources: _Sources) -> None:
+    """Take what a thread read into the image's facts, and remember what can be remembered."""
+    if found is not None:
+        fact.annotated = found
+        source = sources(raw.memo[0]) if raw.memo is not None else None
+        if raw.memo is not None and source is not None:
+            memo.put(OBJECTS, raw.memo[0], source, _encode(found), raw.memo[1], read_at=started)
+    if isinstance(value, dict):
+        fact.size, fact.digest = (value["w"], value["h"]), value.get("d")
+    if value is not None and value != TRANSIENT:
+        memo.put(IMAGE, raw.path, stat, value, read_at=started)

@@ -45,6 +45,7 @@ from boxrefiner.features.encoder import (
 )
 from boxrefiner.utils.allocator import gc_paused
 from boxrefiner.utils.files import (
+    STALE_TEMP_SECONDS,
     atomic_write,
     remove_stale_temps,
     write_json,
@@ -396,12 +397,21 @@ class Orphans:
     unlisted: int = 0  # entry files no manifest lists
     obsolete: int = 0  # entries of encoder identities this version no longer produces
     bytes: int = 0
+    failed: int = 0  # files that could not be deleted (e.g. a read-only cache)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def _obsolete(info: dict) -> bool:
-    """Whether a manifest's encoder is one this version no longer produces (unknown forms are kept)."""
+    """Whether a manifest's encoder is one an older version produced and this one never serves (a
+    newer version's identity, or an unknown form, is kept)."""
     try:
-        return not EncoderIdentity(**info["identity"]).current
+        return EncoderIdentity(**info["identity"]).retired
     except (KeyError, TypeError):
         return False
 
@@ -422,16 +432,22 @@ def clear_orphans(cache_dir: str | Path) -> Orphans:
         encoders = manifest.read()
         old = {tag for tag, enc in encoders.items() if _obsolete(enc.info)}
         kept = {key for tag, enc in encoders.items() if tag not in old for key in enc.entries}
-        doomed = [(p, "unlisted") for key, p in on_disk.items() if key not in kept and
-                  not any(key in encoders[t].entries for t in old)]
+        recent = time.time() - STALE_TEMP_SECONDS  # an unlisted entry this young may be another host's, listed
+        doomed = [(p, "unlisted") for key, p in on_disk.items() if key not in kept and  # on a lagging file system
+                  not any(key in encoders[t].entries for t in old) and _mtime(p) < recent]
         doomed += [(p, "obsolete") for t in old for key in encoders[t].entries
                    for p in (folder / key[:2] / f"{key}.npy", folder / f"{key}.npy") if key not in kept]
         for path, why in doomed:
             try:
-                removed.bytes += path.stat().st_size
+                size = path.stat().st_size
                 path.unlink()
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                removed.failed += 1
+                log.warning("cannot delete %s: %s", path, exc.strerror or exc)
+                continue
+            removed.bytes += size
             setattr(removed, why, getattr(removed, why) + 1)
         for tag in sorted(old):
             manifest.forget(tag)
@@ -443,6 +459,7 @@ def clear_orphaned_features(cfg: Config) -> Orphans:
     """`clear_orphans` on the configured cache, said in the log."""
     cache_dir = cfg.optimization.feature_cache.cache_dir
     removed = clear_orphans(cache_dir)
-    log.info("cleared orphaned cache entries in %s: %d that no manifest lists, %d of encoders this version no longer "
-             "produces; %.1f MiB freed", cache_dir, removed.unlisted, removed.obsolete, removed.bytes / 2**20)
+    log.info("cleared orphaned cache entries in %s: %d that no manifest lists (older than a day), %d of encoders "
+             "this version no longer produces; %.1f MiB freed%s", cache_dir, removed.unlisted, removed.obsolete,
+             removed.bytes / 2**20, f"; {removed.failed} could not be deleted" if removed.failed else "")
     return removed

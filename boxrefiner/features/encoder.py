@@ -40,6 +40,10 @@ PREPROCESS_VERSION = "pil-bilinear-longest-side-v1"
 # vit_tiny: before 0.3, TinyViT's attention biases were derived before the weights were loaded, so
 # features from a vit_tiny checkpoint were not the checkpoint's; entries from then are never served.
 ENCODER_REVISIONS = {"vit_tiny": "tinyvit-biases-after-load"}
+# Revisions this version knows to be older than ENCODER_REVISIONS: their entries are never served
+# again (`--clear-cache orphans` deletes them). An identity neither current nor retired may be a newer
+# version's, sharing the cache: it is left alone.
+RETIRED_REVISIONS = {"vit_tiny": ("",)}
 RANDOM_INIT_SEED = 0
 VIT_ARGS = {  # embed_dim, depth, num_heads, global_attn_indexes (segment_anything_hq.build_sam)
     "vit_b": (768, 12, 12, (2, 5, 8, 11)),
@@ -179,6 +183,11 @@ class EncoderIdentity:
         """Whether this version of the tool makes these features (preprocessing and encoder code alike)."""
         return (self.preprocess == PREPROCESS_VERSION
                 and self.revision == ENCODER_REVISIONS.get(self.model_type, ""))
+
+    @property
+    def retired(self) -> bool:
+        """Whether an older version of the tool made these features, which this one never serves."""
+        return self.preprocess == PREPROCESS_VERSION and self.revision in RETIRED_REVISIONS.get(self.model_type, ())
 
     def short(self) -> str:
         weights = "random-init" if self.weights.startswith("random-init") else self.weights[:10]

@@ -59,7 +59,9 @@ class EntryReader:
             row.copy_(torch.from_numpy(scratch))
         # NaN/inf anywhere make the sum NaN/inf (a finite map cannot overflow float32's sum): one pass,
         # no temporary mask; a map that fails this takes the checked path, which looks cell by cell
-        if ok and math.isfinite(float(row.sum())):
+        if ok and math.isfinite(float(row.sum(dtype=torch.float32))):
+            if count:
+                self.cache.stats.bytes_read += self.nbytes
             return True
         stored = self.cache.load(key, count=count)  # the checked path: says why, deletes what is bad
         if stored is None:

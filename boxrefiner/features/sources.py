@@ -406,7 +406,8 @@ class InMemoryFeatures(FeatureBatches):
     """The whole split's images in one tensor (float32 when it fits, else the storage dtype), gathered
     per batch into a reused float32 buffer: a fresh 64 MiB batch would cost more in page faults than
     the copy. A store in host RAM while training on CUDA gathers into pinned buffers, copied to the GPU
-    asynchronously (two, so that one fills while the other's copy is in flight)."""
+    asynchronously (two, so that one fills while the other's copy is in flight). A batch's features
+    are valid until the next batch is asked for (the buffer is then refilled)."""
 
     def __init__(self, store: torch.Tensor, split: SplitData, batch_size: int, device: torch.device,
                  sampler: Sampler | None = None):
@@ -436,7 +437,7 @@ class InMemoryFeatures(FeatureBatches):
             features = batch.to(self.device, non_blocking=True)
             if features.data_ptr() != batch.data_ptr():  # staged: the buffer is free once the copy is done
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(self.device))  # the stream the copy was queued on
                 self.copied[slot] = event
             yield FeatureBatch(picked, features, inverse)
 
@@ -486,7 +487,7 @@ class StreamedFeatures(FeatureBatches):
             on_device = features.to(self.device, non_blocking=True)
             if self.device.type == "cuda" and on_device.data_ptr() != features.data_ptr():
                 read.done = torch.cuda.Event()  # the ring buffer is refilled only once this copy is done
-                read.done.record()
+                read.done.record(torch.cuda.current_stream(self.device))
             yield FeatureBatch(objects, on_device, inverse)
 
 
@@ -648,9 +649,10 @@ class FeatureSources:
             return None
         size = len(keys) * int(np.prod(cache.shape)) * dtype.itemsize
         self._budget[place] -= size
-        store = torch.zeros((len(keys), *cache.shape), dtype=torch_dtype(dtype), device=place)
+        device = self.device if place == self.device.type else torch.device(place)  # cuda:N, not cuda:0
+        store = torch.zeros((len(keys), *cache.shape), dtype=torch_dtype(dtype), device=device)
         reader, broken = EntryReader(cache), []
-        staging = None if place == "cpu" else torch.empty(cache.shape, dtype=torch_dtype(cache.dtype))
+        staging = None if device.type == "cpu" else torch.empty(cache.shape, dtype=torch_dtype(cache.dtype))
         scratch = np.empty(cache.shape, cache.dtype) if staging is None and dtype != cache.dtype else None
         for i, key in enumerate(progress(keys, desc=f"Loading {cache.dir.name} into memory", unit="entry", leave=False)):
             if i in split.excluded:
@@ -658,7 +660,6 @@ class FeatureSources:
             if not reader.read_into(key, store[i] if staging is None else staging, scratch, count=True):
                 broken.append(i)
                 continue
-            cache.stats.bytes_read += reader.nbytes
             if staging is not None:
                 store[i].copy_(staging)  # fp16 -> fp32 once per run, not once per epoch
         for i, stored in heal(broken).items() if broken else ():

@@ -115,8 +115,8 @@ class Journal:
         """Close this process's journal; True when it had written anything."""
         if self._file is None:
             return False
-        self._file.close()
-        self._file = None
+        file, self._file = self._file, None
+        file.close()  # may raise (a full disk): the journal is closed all the same
         return True
 
     def compact(self, fold: Callable[[list[dict]], list[dict]], force: bool = False,

@@ -114,11 +114,12 @@ class FileMemo:
     def close(self) -> None:
         """Write what is pending; fold finished journals together now and then."""
         self.flush()
-        if self.journal is not None and self.journal.close():
-            try:
+        try:
+            if self.journal is not None and self.journal.close():
                 self.journal.compact(self._folded)
-            except OSError as exc:
-                log.debug("start-up memo %s not compacted: %s", self.folder, exc)
+        except OSError as exc:  # an accelerator only: never the end of a run
+            log.info("start-up memo %s not closed cleanly (%s): the next start reads these files again", self.folder,
+                     exc.strerror or exc)
 
     def _folded(self, events: list[dict]) -> list[dict]:
         latest: dict[tuple[str, str, str], dict] = {}

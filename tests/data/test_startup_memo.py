@@ -76,3 +76,21 @@ def test_a_memo_that_cannot_be_written_is_skipped_with_one_line(scaled, caplog):
     assert _index(again) == _index(first)
     lines = [r.getMessage() for r in caplog.records if "start-up memo not written" in r.getMessage()]
     assert len(lines) == 2 and all(str(root / "features" / ".memo") in line for line in lines)  # one per start
+
+
+def test_an_image_the_system_refused_to_read_is_not_remembered_as_unreadable(scaled, monkeypatch):
+    from boxrefiner.data import reading
+    _, cfg = scaled
+    real = reading.oriented_size
+
+    def refuse_first(path):
+        if path.name == "train_0000000.JPG":
+            raise PermissionError(13, "Permission denied", str(path))  # e.g. a mount or a mode fixed later
+        return real(path)
+    monkeypatch.setattr(reading, "oriented_size", refuse_first)
+    first = {s.split: s for s in prepare_splits(cfg)}
+    assert first["train"].skipped["unreadable_image"] == 1
+    monkeypatch.setattr(reading, "oriented_size", real)
+    again = {s.split: s for s in prepare_splits(cfg)}
+    assert again["train"].skipped["unreadable_image"] == 0  # read again, not taken from the memo
+    assert len(again["train"].images) == len(first["train"].images) + 1

@@ -1,6 +1,7 @@
 """The feature cache: keys that never serve stale features, healing, concurrency, equivalence."""
 
 import multiprocessing
+import os
 import shutil
 from collections import namedtuple
 
@@ -244,13 +245,21 @@ def test_clearing_orphans_removes_unlisted_and_obsolete_entries_only(tmp_path):
     orphan = kept.path("ab" + "0" * 38)  # an entry no manifest lists (e.g. its writer was killed before listing)
     orphan.parent.mkdir()
     shutil.copy(kept.path(kept.key_for("x")), orphan)
+    day_old = orphan.stat().st_mtime - 2 * 86400
+    os.utime(orphan, (day_old, day_old))  # unlisted for two days: not a write another host is still listing
+    young = kept.path("ab" + "1" * 38)
+    shutil.copy(orphan, young)  # unlisted, but new: it may be listed in a journal this host does not see yet
+    newer = FeatureCache(tmp_path, "train", EncoderIdentity("vit_tiny", "a" * 64, 256, "fp32", revision="from-a-newer-version"))
+    newer.save(newer.key_for("x"), values, {"file": "x.jpg"})
+    newer.manifest.close()
     foreign = tmp_path / "train" / "notes.npy"
     foreign.write_bytes(b"someone else's")
     removed = clear_orphans(tmp_path)
     assert (removed.unlisted, removed.obsolete) == (1, 1)
     assert removed.bytes == 2 * kept.path(kept.key_for("x")).stat().st_size
     assert kept.path(kept.key_for("x")).exists() and not gone.path(gone.key_for("x")).exists()
-    assert not orphan.exists() and foreign.exists()
+    assert not orphan.exists() and foreign.exists() and young.exists()
+    assert newer.path(newer.key_for("x")).exists()  # a newer version's entries, in a shared cache, stay
     assert gone.listed() == {} and set(kept.listed()) == {kept.key_for("x")}
     assert clear_orphans(tmp_path).bytes == 0  # nothing left to do
 
