@@ -121,6 +121,7 @@ def widened_copy(cfg: Config, folder: Path) -> Config:
     what float32 storage costs to stream, without extracting again. For timing only."""
     from boxrefiner.features.cache import FeatureCache
     from boxrefiner.features.encoder import encoder_identity
+    from boxrefiner.features.sources import entry_record
     identity = encoder_identity(cfg.hqsam, memo_dir=cfg.optimization.feature_cache.cache_dir)
     for split in prepare_splits(cfg):
         source = FeatureCache(cfg.optimization.feature_cache.cache_dir, split.split, identity, "float16")
@@ -129,7 +130,7 @@ def widened_copy(cfg: Config, folder: Path) -> Config:
             assert image.digest is not None  # indexed with the cache on
             stored = source.load(source.key_for(image.digest))
             if stored is not None:
-                target.save(target.key_for(image.digest), stored.astype(np.float32), {"file": image.file_name})
+                target.save(target.key_for(image.digest), stored.astype(np.float32), entry_record(image))
         target.manifest.close()
     return _cache_setting(cfg, cache_dir=str(folder), storage_dtype="float32")
 

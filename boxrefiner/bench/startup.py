@@ -25,6 +25,7 @@ from boxrefiner.data.rle import encode_cvat_rle
 from boxrefiner.data.splits import load_split
 from boxrefiner.features.cache import FeatureCache
 from boxrefiner.features.encoder import encoder_identity
+from boxrefiner.features.sources import entry_record
 from boxrefiner.training.trainer import setup
 from boxrefiner.utils.files import sha256_file
 from boxrefiner.utils.memo import FileMemo
@@ -88,7 +89,7 @@ def _write_entries(root: Path, counts: dict[str, int]) -> float:
         for image in progress(indexed.images, desc=f"Writing {split} entries", unit="entry"):
             key = cache.key_for(image.digest or sha256_file(image.image_path))
             start = time.perf_counter()
-            cache.save(key, value, {"file": image.file_name, "width": image.width, "height": image.height})
+            cache.save(key, value, entry_record(image))
             spent += time.perf_counter() - start
         cache.manifest.close()
     return spent

@@ -117,8 +117,8 @@ def read_images(images: Sequence[RawImage], memo: FileMemo, digests: bool, desc:
 def _read(images: Sequence[RawImage], facts: list[ImageFacts], todo: list[tuple[int, os.stat_result, bool, bool]],
           memo: FileMemo, sources: _Sources, digests: bool, desc: str) -> None:
     """Read what the memo did not know, in threads; record it (from this thread: the memo is not shared)."""
-    def work(item: tuple[int, os.stat_result, bool, bool]) -> tuple[int, int, Annotated | SkipImage | None, Any]:
-        index, _, annotation, image = item
+    def work(item: tuple[int, os.stat_result, bool, bool]) -> tuple[int, os.stat_result, int, Annotated | SkipImage | None, Any]:
+        index, stat, annotation, image = item
         raw, started = images[index], time.time_ns()
         found: Annotated | SkipImage | None = None
         if annotation:
@@ -135,16 +135,15 @@ def _read(images: Sequence[RawImage], facts: list[ImageFacts], todo: list[tuple[
                 # the file's content does not decode: remembered; the system refused to read it (access,
                 # I/O, a stale mount): unreadable now, read again next time, when it may be fixed
                 value = TRANSIENT if isinstance(exc, OSError) and exc.errno is not None else "unreadable"
-        return index, started, found, value
+        return index, stat, started, found, value
 
     log.info("%s: reading %d of %d images and their annotations (%d threads); the others are remembered", desc,
              len(todo), len(images), _THREADS)
-    stats = {index: st for index, st, _, _ in todo}
     pool = ThreadPoolExecutor(_THREADS)
     try:
         with progress(total=len(todo), desc=desc, unit="img", leave=False) as bar:
-            for index, started, found, value in pool.map(work, todo):
-                _record(images[index], facts[index], stats[index], started, found, value, memo, sources)
+            for index, stat, started, found, value in pool.map(work, todo):
+                _record(images[index], facts[index], stat, started, found, value, memo, sources)
                 bar.update()
     except BaseException:  # an error or a second Ctrl-C: do not wait for the reads still queued
         pool.shutdown(wait=False, cancel_futures=True)

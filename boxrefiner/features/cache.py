@@ -237,11 +237,11 @@ class FeatureCache:
         return hashlib.sha256(f"{image_digest}|{self._salt}".encode()).hexdigest()[:KEY_LENGTH]
 
     def path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.npy"
+        return entry_paths(self.dir, key)[0]
 
     def find(self, key: str) -> Path | None:
         """Where the entry lies: its key-prefix subfolder, or the flat folder of older versions."""
-        for path in (self.path(key), self.dir / f"{key}.npy"):
+        for path in entry_paths(self.dir, key):
             if path.is_file():
                 return path
         return None
@@ -329,6 +329,21 @@ class FeatureCache:
                      size / 2**20)
 
 
+def entry_paths(folder: Path, key: str) -> tuple[Path, Path]:
+    """Where a split folder's entry may lie: its key-prefix subfolder (written), or flat (older versions)."""
+    return folder / key[:2] / f"{key}.npy", folder / f"{key}.npy"
+
+
+def _remove(path: Path) -> int | None:
+    """Delete one file; its size, or None when it was already gone (other OSErrors propagate)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return size
+
+
 def _entry_files(folder: Path) -> Iterable[Path]:
     """Files named like this tool's entries in a split folder (flat and key-prefix subfolders)."""
     for path in folder.glob("*.npy"):
@@ -354,18 +369,15 @@ def clear_cache(cache_dir: str | Path, tag: str | None = None) -> tuple[int, int
         if not encoders and not marked:
             continue  # nothing of ours here
         listed = {key for t, enc in encoders.items() if tag is None or t == tag for key in enc.entries}
-        doomed = {p for key in listed for p in (folder / key[:2] / f"{key}.npy", folder / f"{key}.npy")}
+        doomed = {p for key in listed for p in entry_paths(folder, key)}
         if tag is None and marked:  # also entries no manifest lists (e.g. from versions without journals)
             doomed |= set(_entry_files(folder))
             stale, stale_bytes = remove_stale_temps(folder, recursive=True)
             files, size = files + stale, size + stale_bytes
         for path in doomed:
-            try:
-                size += path.stat().st_size
-                path.unlink()
-                files += 1
-            except FileNotFoundError:
-                continue
+            freed = _remove(path)
+            if freed is not None:
+                files, size = files + 1, size + freed
         if encoders or listed:
             manifest.forget(tag)
             manifest.close()
@@ -432,23 +444,21 @@ def clear_orphans(cache_dir: str | Path) -> Orphans:
         encoders = manifest.read()
         old = {tag for tag, enc in encoders.items() if _obsolete(enc.info)}
         kept = {key for tag, enc in encoders.items() if tag not in old for key in enc.entries}
+        retired = {key for tag in old for key in encoders[tag].entries} - kept
         recent = time.time() - STALE_TEMP_SECONDS  # an unlisted entry this young may be another host's, listed
-        doomed = [(p, "unlisted") for key, p in on_disk.items() if key not in kept and  # on a lagging file system
-                  not any(key in encoders[t].entries for t in old) and _mtime(p) < recent]
-        doomed += [(p, "obsolete") for t in old for key in encoders[t].entries
-                   for p in (folder / key[:2] / f"{key}.npy", folder / f"{key}.npy") if key not in kept]
+        doomed = [(p, "unlisted") for key, p in on_disk.items()  # in a journal a shared file system still lags on
+                  if key not in kept and key not in retired and _mtime(p) < recent]
+        doomed += [(p, "obsolete") for key in retired for p in entry_paths(folder, key)]
         for path, why in doomed:
             try:
-                size = path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                continue
+                freed = _remove(path)
             except OSError as exc:
                 removed.failed += 1
                 log.warning("cannot delete %s: %s", path, exc.strerror or exc)
                 continue
-            removed.bytes += size
-            setattr(removed, why, getattr(removed, why) + 1)
+            if freed is not None:
+                removed.bytes += freed
+                setattr(removed, why, getattr(removed, why) + 1)
         for tag in sorted(old):
             manifest.forget(tag)
         manifest.close()

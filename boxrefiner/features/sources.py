@@ -299,8 +299,7 @@ def warm_up(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
     (written by a version before journals) is listed now instead of extracted again. Under torchrun
     rank 0 decides what is missing and every rank encodes its own disjoint share of it (no image
     twice, no padding); the counts and failures returned are the whole world's."""
-    plan: tuple[list[int], dict] = _plan(cache, records, keys, census) if distributed.is_main() else ([], {})
-    missing, _unlisted = distributed.broadcast(plan)
+    missing: list[int] = distributed.broadcast(_plan(cache, records, keys, census) if distributed.is_main() else [])
     hits = len(keys) - len(missing)
     log.info("feature cache %s: %d of %d entries present (%.0f%%), %d to extract%s", cache.dir, hits, len(keys),
              100.0 * hits / max(1, len(keys)), len(missing),
@@ -327,9 +326,9 @@ def warm_up(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
 
 
 def _plan(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[str],
-          census: bool = False) -> tuple[list[int], dict]:
-    """(images to extract, entries on disk that no manifest lists, which are listed here); the manifest
-    is read once (`census`: and what it holds for other encoders is said)."""
+          census: bool = False) -> list[int]:
+    """The images to extract. An entry on disk that no manifest lists is listed here instead; the
+    manifest is read once (`census`: and what it holds for other encoders is said)."""
     encoders = cache.manifest.read()
     listed = encoders[cache.tag].entries if cache.tag in encoders else {}
     if census:
@@ -351,7 +350,7 @@ def _plan(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[st
             log.debug("cannot list %d entries in %s: %s", len(unlisted), cache.dir, exc)
     if missing:
         cache.remove_stale_temps()
-    return missing, unlisted
+    return missing
 
 
 def available_memory() -> int:
@@ -395,6 +394,12 @@ class FeatureBatches:
     def __iter__(self) -> Iterator[FeatureBatch]:
         raise NotImplementedError
 
+    def _planned(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each batch's usable objects, the images they lie on and each object's image position."""
+        for objects in object_batches(self.size, self.batch_size, self.sampler):
+            picked = torch.tensor(objects, dtype=torch.long)
+            yield batch_images(self.object_image, picked[self._usable(picked)])
+
     def _usable(self, objects: torch.Tensor) -> torch.Tensor:
         """Rows of a batch whose image is not excluded."""
         if not self.split.excluded:
@@ -420,9 +425,7 @@ class InMemoryFeatures(FeatureBatches):
         self.copied: list[torch.cuda.Event | None] = [None] * len(self.buffers)
 
     def __iter__(self) -> Iterator[FeatureBatch]:
-        for step, objects in enumerate(object_batches(self.size, self.batch_size, self.sampler)):
-            picked = torch.tensor(objects, dtype=torch.long)
-            picked, images, inverse = batch_images(self.object_image, picked[self._usable(picked)])
+        for step, (picked, images, inverse) in enumerate(self._planned()):
             slot = step % len(self.buffers)
             copied = self.copied[slot]
             if copied is not None:
@@ -456,13 +459,8 @@ class StreamedFeatures(FeatureBatches):
         self.heal = heal
         self.device = device
 
-    def _plan(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for objects in object_batches(self.size, self.batch_size, self.sampler):
-            picked = torch.tensor(objects, dtype=torch.long)
-            yield batch_images(self.object_image, picked[self._usable(picked)])
-
     def __iter__(self) -> Iterator[FeatureBatch]:
-        for read in self.stream.batches(self._plan()):
+        for read in self.stream.batches(self._planned()):
             # images excluded since this batch was planned (an entry that could not be healed) drop out
             objects, inverse, used = _keep(read.objects, read.inverse, self._usable(read.objects))
             images, features, bad = read.images[used], read.features, read.bad[used]

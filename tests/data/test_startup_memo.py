@@ -9,6 +9,7 @@ import pytest
 
 from boxrefiner.bench.startup import build, startup_config
 from boxrefiner.data import fungitastic
+from boxrefiner.data.layout import DataError
 from boxrefiner.data.rle import encode_cvat_rle
 from boxrefiner.training.trainer import prepare_splits
 from boxrefiner.utils.files import sha256_file
@@ -94,3 +95,24 @@ def test_an_image_the_system_refused_to_read_is_not_remembered_as_unreadable(sca
     again = {s.split: s for s in prepare_splits(cfg)}
     assert again["train"].skipped["unreadable_image"] == 0  # read again, not taken from the memo
     assert len(again["train"].images) == len(first["train"].images) + 1
+
+
+def test_yolo_label_files_are_remembered_until_they_or_the_class_names_change(tmp_path):
+    from boxrefiner.config import config_from_dict
+    from boxrefiner.data.synthetic import generate_multi_object
+    root = generate_multi_object(tmp_path / "ds", train=6, val=2, seed=5, size=160)  # several objects per image
+    labels = sorted((root / "labels").rglob("*.txt"))
+    for path in [*labels, *(root / "images").rglob("*.jpg")]:
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 10**10))
+    cfg = config_from_dict({"data": {"format": "yolo", "yolo_data": str(root / "data.yaml")},
+                            "hqsam": {"model_type": "vit_tiny", "allow_random_init": True},
+                            "optimization": {"feature_cache": {"cache_dir": str(tmp_path / "features")}}})
+    first = prepare_splits(cfg)
+    assert max(len(s.objects) - len(s.images) for s in first) > 0  # several objects on some image
+    for path in labels:
+        _garble_keeping_stat(path)  # unreadable as labels: only the memo can still give the objects
+    assert _index(prepare_splits(cfg)) == _index(first)
+    data_yaml = root / "data.yaml"
+    data_yaml.write_text(data_yaml.read_text().replace("names:", "names_old:") + "names: [only]\n")  # one class now
+    with pytest.raises(DataError, match="bad_label_line"):  # class names changed: the garbled files are read again
+        prepare_splits(cfg)
