@@ -174,6 +174,14 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """What a run shows besides its log and metrics.jsonl (results.csv is always written)."""
+    plots: bool = True  # results.png and val_boxes.jpg in output.save_dir, refreshed every epoch
+    val_images: int = _spec(8, lo=1, hi=64)  # validation images pictured in val_boxes.jpg (the same every epoch)
+    tensorboard: bool = False  # the same scalars and box grid as TensorBoard events in output.save_dir
+
+
+@dataclass(frozen=True)
 class FeatureCacheConfig:
     enabled: bool = True
     cache_dir: str = "./features"
@@ -225,6 +233,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     hqsam: HQSAMConfig = field(default_factory=HQSAMConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

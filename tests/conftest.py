@@ -33,6 +33,7 @@ def small_config(data_root: Path, work: Path, **sections) -> dict:
         "hqsam": {"model_type": "vit_tiny", "allow_random_init": True, "input_size": 256, "batch_size": 8},
         "output": {"save_dir": str(work / "out"), "checkpoint_dir": str(work / "ckpt"), "log_dir": str(work / "logs")},
         "optimization": {"feature_cache": {"cache_dir": str(work / "features")}},
+        "logging": {"plots": False},  # results.png costs ~0.7 s an epoch; tests/training/test_visuals.py draws them
     }
     raw = copy.deepcopy(raw)
     for section, values in sections.items():

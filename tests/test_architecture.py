@@ -11,10 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "boxrefiner"
-# config -> data -> features -> model -> training / infer -> CLI; a module may import its own layer's
+# config -> data -> features -> model -> (pictures) -> training / infer -> CLI; a module may import its own layer's
 # package and any lower layer. training and infer share a rank but never import each other.
 LAYERS = [{"errors", "version"}, {"utils"}, {"config"}, {"boxes"}, {"metrics"}, {"data"}, {"features"},
-          {"modeling"}, {"training", "infer"}, {"bench"}, {"cli"}, {"__init__", "__main__"}]
+          {"modeling"}, {"plots"}, {"training", "infer"}, {"bench"}, {"cli"}, {"__init__", "__main__"}]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 SHIMS = ["train_box_refiner_optimized.py", "run_optimized_training.py", "test_optimization_performance.py",
          "refine_boxes.py", "evaluate_refiner.py"]

@@ -45,7 +45,9 @@ class PreparedBatches(FeatureBatches):
 
 
 def isolated_outputs(cfg: Config, folder: Path) -> Config:
-    """The config with every output (metrics, checkpoints, logs) under `folder`."""
+    """The config with every output (metrics, checkpoints, logs) under `folder`, and no pictures: a
+    benchmark times training, and the pictures' background drawing would add its own noise."""
+    cfg = replace(cfg, "logging", plots=False, tensorboard=False)
     return replace(cfg, "output", save_dir=str(folder / "out"), checkpoint_dir=str(folder / "ckpt"),
                    log_dir=str(folder / "logs"))
 

@@ -26,11 +26,12 @@ from boxrefiner.infer.apply import refine_rows, split_resolver
 from boxrefiner.infer.evaluate import (
     Case,
     cases_from_rows,
-    evaluate_cases,
     format_report,
     jittered_cases,
+    score_cases,
 )
 from boxrefiner.infer.refiner import BoxRefiner
+from boxrefiner.plots import plot_gain
 from boxrefiner.utils.files import write_json
 from boxrefiner.utils.logs import setup_logging
 
@@ -57,6 +58,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="prompt HQ-SAM with both boxes and compare masks with the truth (default: on with a "
                              "real HQ-SAM checkpoint that can be found, off with random weights)")
     parser.add_argument("--output", help="also write the report as JSON here")
+    parser.add_argument("--plots", type=Path, metavar="DIR",
+                        help="where the IoU-gain histogram and the before/after scatter go (default: beside --output, "
+                             "else beside the checkpoint)")
+    parser.add_argument("--no-plots", action="store_true", help="write no pictures")
     return parser
 
 
@@ -126,7 +131,8 @@ def run(argv: Sequence[str] | None, prog: str | None = None) -> int:
         refiner.enable_masks()
     split = labelled_split(args, refiner)
     cases, skipped, source = input_cases(args, refiner, split)
-    report = evaluate_cases(refiner, split, cases, with_masks=mask_iou, ap=bool(args.detections or args.refined))
+    tally = score_cases(refiner, split, cases, with_masks=mask_iou)
+    report = tally.report(split, cases, ap=bool(args.detections or args.refined))
     report["skipped"] = dict(Counter(report["skipped"]) + skipped)
     random_weights = refiner.identity.weights.startswith("random-init")
     report.update(inputs=source, checkpoint=str(args.checkpoint), gate=(
@@ -136,6 +142,14 @@ def run(argv: Sequence[str] | None, prog: str | None = None) -> int:
     if args.output:
         write_json(args.output, report)
         log.info("report written to %s", args.output)
+    if not args.no_plots:
+        folder = args.plots or (Path(args.output) if args.output else Path(args.checkpoint)).parent
+        try:
+            paths = plot_gain(tally.per_box(), folder, f"evaluate_{split.split}")
+            log.info("IoU gain per box: %s", ", ".join(str(p) for p in paths))
+        except OSError as exc:  # the report above stands
+            log.warning("the IoU-gain plots were not written: %s%s", exc.strerror or exc,
+                        f": {exc.filename}" if exc.filename else "")
     return 0
 
 

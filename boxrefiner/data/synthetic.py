@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from boxrefiner.config import Config, DataConfig
 from boxrefiner.data.rle import encode_cvat_rle, mask_box
-from boxrefiner.utils.files import atomic_write, write_json
+from boxrefiner.utils.files import atomic_write, write_bytes, write_json
 
 SUBSET = "FungiTastic-Mini"
 FULL_LONG_SIDE = 960
@@ -372,7 +372,7 @@ def _data_yaml() -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def _multi_split(out: Path, split: str, count: int, seed: int, size: int, max_objects: int) -> int:

@@ -46,6 +46,7 @@ class RefineReport:
     refined: int = 0
     images: int = 0
     problems: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # file_name -> (width, height) of images read
 
     def reasons(self) -> Counter[str]:
         """Rows not refined, counted by reason (a malformed row counts as bad_row)."""
@@ -117,6 +118,7 @@ def refine_image(refiner: BoxRefiner, item: ImageFeatures, group: list[Detection
     if item.error:
         report.problems += [(d.row, item.error) for d in group]
         return []
+    report.sizes[group[0].file_name] = (item.width, item.height)
     boxes = np.array([d.box for d in group])
     inside = (boxes[:, 0] < item.width) & (boxes[:, 1] < item.height) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
     report.problems += [(d.row, f"outside_image: bbox lies outside the {item.width}x{item.height} image")
@@ -151,21 +153,12 @@ def refine_image(refiner: BoxRefiner, item: ImageFeatures, group: list[Detection
 def merge_ranks(report: RefineReport, touched: list[int], shared: int) -> None:
     """Every rank's refined rows and problems into `report` (the problems before `shared` are every
     rank's alike: rows that did not parse)."""
-    mine = ({k: report.rows[k] for k in touched}, report.problems[shared:], report.refined, report.images)
+    mine = ({k: report.rows[k] for k in touched}, report.problems[shared:], report.refined, report.images, report.sizes)
     report.problems, report.refined, report.images = report.problems[:shared], 0, 0
-    for rows, problems, refined, images in distributed.gather(mine):
+    for rows, problems, refined, images, sizes in distributed.gather(mine):
         for k, row in rows.items():
             report.rows[k] = row
         report.problems += problems
         report.refined += refined
         report.images += images
-
-
-
-
-
-
-
-
-
-
+        report.sizes.update(sizes)

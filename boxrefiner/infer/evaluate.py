@@ -129,6 +129,11 @@ def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], wit
     """Score every case against its object, by group and (main group) by category; with `with_masks`
     also HQ-SAM's masks from both boxes of the main group; with `ap`, COCO box AP of the input and the
     refined boxes (false positives included) on every image of the split that could be read."""
+    return score_cases(refiner, split, cases, with_masks).report(split, cases, ap)
+
+
+def score_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], with_masks: bool = False) -> Tally:
+    """The per-box scores of every case (see evaluate_cases), kept for the report and the plots."""
     by_image: dict[int, list[Case]] = {}
     for case in cases:
         by_image.setdefault(case.image, []).append(case)
@@ -157,7 +162,7 @@ def evaluate_cases(refiner: BoxRefiner, split: SplitData, cases: list[Case], wit
                 tally.add_boxes(split, scored)
                 if truth_masks is not None:
                     tally.add_masks(refiner, item, scored, truth_masks)
-    return tally.report(split, cases, ap)
+    return tally
 
 
 def refine_cases(refiner: BoxRefiner, item: ImageFeatures, mine: list[Case]) -> None:
@@ -210,6 +215,11 @@ class Tally:
             masks, _ = refiner.prompter.masks(*item.decoder_inputs, item.width, item.height, np.stack(boxes))
             out.append(torch.tensor([mask_iou(m, drawn_masks[c.object]) for m, c in zip(masks, drawn)],
                                     dtype=torch.float64))
+
+    def per_box(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each group's box IoUs, input and refined, one entry per scored box."""
+        return {name: (torch.cat(s.box_before).numpy(), torch.cat(s.box_after).numpy())
+                for name, s in self.groups.items() if s.box_before}
 
     def report(self, split: SplitData, cases: list[Case], ap: bool) -> dict:
         main = self.groups.get("", Scores())
@@ -291,11 +301,3 @@ def format_report(report: dict) -> str:
     if report["skipped"]:
         lines += ["", "left out: " + ", ".join(f"{n} {r}" for r, n in sorted(report["skipped"].items()))]
     return "\n".join(lines)
-
-
-
-
-
-
-
-

@@ -36,6 +36,7 @@ from boxrefiner.training.rng import seed_everything
 from boxrefiner.training.runlock import RunLock
 from boxrefiner.training.schedule import build_optimization, realign_schedule
 from boxrefiner.training.validate import evaluate
+from boxrefiner.training.visuals import RunVisuals
 from boxrefiner.utils import distributed
 from boxrefiner.utils.allocator import gc_paused
 from boxrefiner.utils.files import append_jsonl, write_jsonl
@@ -71,6 +72,13 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
 def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resume: str | None, debug: bool,
                   stop: StopRequest | None) -> RunHistory:
     r = setup(cfg, device, resumed, resume, debug, stop)
+    try:
+        return _epochs(cfg, r, stop)
+    finally:
+        r.visuals.close()
+
+
+def _epochs(cfg: Config, r: Run, stop: StopRequest | None) -> RunHistory:
     run, run_now = r.state, RunHistory()
     for epoch in range(run.start_epoch, cfg.training.epochs):
         continuing = run.partial if run.partial is not None and run.partial.epoch == epoch else None
@@ -82,7 +90,8 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
         if metrics is None:  # stopped inside the epoch
             raise Interrupted(stopped_by(stop), r.saver.save_partial(run, progress))
         record = {"epoch": epoch, **metrics,
-                  **evaluate(r.model, r.sources.val, r.val_targets, r.val_inputs, cfg, r.precision),
+                  **evaluate(r.model, r.sources.val, r.val_targets, r.val_inputs, cfg, r.precision,
+                             r.visuals.pictured),
                   "lr": r.optimizer.param_groups[0]["lr"]}
         improved = run.record(record)
         log.info(epoch_summary(record, cfg.training.epochs, improved))
@@ -93,6 +102,7 @@ def _train_locked(cfg: Config, device: torch.device, resumed: dict | None, resum
             append_jsonl(r.metrics_path, record)
             if r.excluded() > excluded:  # a broken cache entry left an image out during the epoch
                 write_skipped(r.skipped_path, r.train_split, r.val_split)
+        r.visuals.epoch_done(run.history, record)
         if stopping:
             raise Interrupted(stopped_by(stop), r.saver.folder / LAST)
         if out_of_patience(cfg, epoch, run.best_epoch):
@@ -123,6 +133,7 @@ class Run:
     state: RunState
     skipped_path: Path
     metrics_path: Path
+    visuals: RunVisuals
 
     def excluded(self) -> int:
         return len(self.train_split.excluded) + len(self.val_split.excluded)
@@ -163,9 +174,10 @@ def setup(cfg: Config, device: torch.device, resumed: dict | None, resume: str |
     if distributed.is_main():
         write_jsonl(metrics_path, state.history)  # metrics.jsonl always equals the checkpoint's history, then grows
     saver = CheckpointSaver(cfg, device, model, optimizer, scheduler, scaler, sources.identity, samples)
-    return Run(train_split, val_split, model, net, precision, sources, train_targets, val_targets,
-               validation_inputs(cfg, val_targets), optimizer, scheduler, scaler, saver, state, skipped_path,
-               metrics_path)
+    val_inputs = validation_inputs(cfg, val_targets)
+    visuals = RunVisuals(cfg, val_split, val_inputs[""], state.start_epoch)
+    return Run(train_split, val_split, model, net, precision, sources, train_targets, val_targets, val_inputs,
+               optimizer, scheduler, scaler, saver, state, skipped_path, metrics_path, visuals)
 
 
 def resume_state(cfg: Config, resumed: dict | None, resume: str, model: BoxRefinementModule,

@@ -5,6 +5,7 @@ counts objects (boxes), not images."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -26,17 +27,49 @@ from boxrefiner.utils import distributed
 from boxrefiner.utils.progress import progress
 
 
+@dataclass
+class PicturedBoxes:
+    """The boxes inference returns for a few validation objects' own input boxes (the run's set ""),
+    collected by `evaluate` for the run folder's pictures at no extra cost."""
+    objects: torch.Tensor  # (K,) object indices
+    refined: torch.Tensor | None = None  # (K, 4) normalised; NaN for an object not validated (excluded image)
+
+    def collect(self, objects: torch.Tensor, boxes: torch.Tensor) -> None:
+        """Keep the boxes of the pictured objects among `objects` (one box each)."""
+        if self.refined is None:
+            self.refined = torch.full((len(self.objects), 4), float("nan"))
+        mine = torch.isin(objects, self.objects)
+        if mine.any():
+            at = torch.searchsorted(self.objects, objects[mine])
+            self.refined[at] = boxes[mine].float().cpu()
+
+    def merge_ranks(self) -> None:
+        """Under torchrun each rank saw its own shard: every rank gets every pictured box."""
+        self.collect(torch.empty(0, dtype=torch.long), torch.empty(0, 4))  # a rank that had no batch has NaNs
+        if distributed.world() == 1:
+            return
+        assert self.refined is not None
+        merged = self.refined.clone()
+        for theirs in distributed.gather(self.refined):
+            found = torch.isfinite(theirs).all(1)
+            merged[found] = theirs[found]
+        self.refined = merged
+
+
 def metric_name(key: str, level: str) -> str:
     return f"val_{key}_{level}" if level else f"val_{key}"
 
 
 @torch.no_grad()
 def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Targets, inputs: dict[str, InputSet],
-             cfg: Config, precision: str) -> dict[str, float | None]:
+             cfg: Config, precision: str, pictured: PicturedBoxes | None = None) -> dict[str, float | None]:
     """The loss on every iteration of the run's own validation boxes (as in training), then, for each
     set of input boxes, what inference returns (early stop, gate) against the input: IoUs, share
-    made worse, and how well the predicted IoU ranks the boxes. Counts objects (boxes), not images."""
+    made worse, and how well the predicted IoU ranks the boxes. Counts objects (boxes), not images.
+    `pictured` (sorted objects) receives what inference returns for those objects' own boxes."""
     model.eval()
+    if pictured is not None:
+        pictured.refined = None
     device = next(model.parameters()).device
     names = list(inputs)
     found: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in names}  # before, after, predicted
@@ -63,6 +96,8 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
         result = trajectory.stopped(cfg.refinement.stop_threshold)  # ... and what inference returns
         chosen, predicted, _ = result.select(cfg.refinement.gate, cfg.refinement.keep_margin)
         truth = gt[position]
+        if pictured is not None:
+            pictured.collect(objects[position[own].cpu()], chosen[own])
         before, after = box_iou(boxes, truth).cpu(), box_iou(chosen, truth).cpu()
         predicted = predicted.float().cpu() if predicted is not None else None
         for k, name in enumerate(names):
@@ -75,6 +110,15 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
             losses[name] += value.item() * len(objects)
         n += len(objects)
     found, losses, n = merge_ranks(found, losses, n)
+    if pictured is not None:
+        pictured.merge_ranks()
+    record = summarise(found, losses, n)
+    record["val_seconds"] = time.perf_counter() - start
+    return record
+
+
+def summarise(found: dict[str, list[list[torch.Tensor]]], losses: dict[str, float], n: int) -> dict[str, float | None]:
+    """The validation record from every box's IoUs (per set of input boxes) and the summed losses."""
     if not n:
         raise DataError("no validation object is left (every image was excluded); see skipped.jsonl")
     record: dict[str, float | None] = {"val_loss": losses["loss"] / n, "val_l1": losses["l1"] / n,
@@ -84,9 +128,8 @@ def evaluate(model: BoxRefinementModule, loader: FeatureBatches, targets: Target
                               torch.cat(predicted_parts) if predicted_parts else None)
         record.update({metric_name(key, name): value for key, value in summary.items()})
     # the selection metric: the levels' mean, with the detector's own boxes as one more level
-    levels = [cast(float, record[metric_name("iou_refined", name)]) for name in names if name]  # a mean: never None
+    levels = [cast(float, record[metric_name("iou_refined", name)]) for name in found if name]  # a mean: never None
     record["val_iou_refined_levels"] = sum(levels) / len(levels) if levels else record["val_iou_refined"]
-    record["val_seconds"] = time.perf_counter() - start
     return record
 
 

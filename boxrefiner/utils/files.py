@@ -88,6 +88,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable:
             os.unlink(tmp)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """`data` as the whole file, written atomically."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def json_safe(value: Any) -> Any:
     """The value with NaN and infinities replaced by None: JSON has no such numbers."""
     if isinstance(value, float):
@@ -120,14 +125,12 @@ def read_json(path: Path, what: str, error: type[Exception], kind: type = list) 
 
 def write_json(path: str | Path, value: Any, sort_keys: bool = False) -> None:
     """JSON (indented, for people and tools, non-finite numbers as null), written atomically."""
-    text = json.dumps(json_safe(value), indent=1, sort_keys=sort_keys, allow_nan=False).encode()
-    atomic_write(path, lambda f: f.write(text))
+    write_bytes(path, json.dumps(json_safe(value), indent=1, sort_keys=sort_keys, allow_nan=False).encode())
 
 
 def write_jsonl(path: str | Path, records: Iterable[Any]) -> None:
     """One JSON value per line, written atomically."""
-    text = "".join(json_line(r) + "\n" for r in records).encode()
-    atomic_write(path, lambda f: f.write(text))
+    write_bytes(path, "".join(json_line(r) + "\n" for r in records).encode())
 
 
 def append_jsonl(path: str | Path, record: Any) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from boxrefiner.errors import UserError
-from boxrefiner.utils.files import HOST, atomic_write, json_line, writer_gone
+from boxrefiner.utils.files import HOST, json_line, write_bytes, writer_gone
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Journal:
         if not done or (len(done) < COMPACT_AT and not force):
             return False
         text = "".join(json_line(e) + "\n" for e in [header(), *fold(events)]).encode()
-        atomic_write(self.folder / f"compact.{HOST}.{os.getpid()}.{time.time_ns()}.jsonl", lambda f: f.write(text))
+        write_bytes(self.folder / f"compact.{HOST}.{os.getpid()}.{time.time_ns()}.jsonl", text)
         for path in done:
             path.unlink(missing_ok=True)
         return True

@@ -79,7 +79,7 @@ def test_printed_config_reads_back_to_the_same_config(capsys, tmp_path):
                           "allowed [1, inf]"),
     ("trainig.epochs=5", "error: override 'trainig.epochs=5': unknown config key 'trainig'; did you mean 'training'?"),
     ("epochs=5", "error: override 'epochs=5': unknown config key 'epochs'; valid keys: model, refinement, training, "
-                 "loss, data, hqsam, output, optimization, evaluation, debug"),
+                 "loss, data, hqsam, output, logging, optimization, evaluation, debug"),
     ("training.epochs", "error: override 'training.epochs': expected dotted.key=value, e.g. training.epochs=5"),
 ])
 def test_a_bad_override_is_one_line_naming_it(capsys, override, message):

@@ -215,7 +215,7 @@ def test_writing_n_manifest_entries_costs_o_n(tmp_path, monkeypatch):
     from boxrefiner.features import cache as cache_module
     from boxrefiner.utils import journal as journal_module
     rewrites = []
-    monkeypatch.setattr(journal_module, "atomic_write", lambda *a, **k: rewrites.append(a[0]))
+    monkeypatch.setattr(journal_module, "write_bytes", lambda *a, **k: rewrites.append(a[0]))
     monkeypatch.setattr(cache_module, "atomic_write", lambda *a, **k: rewrites.append(a[0]))
     cache = FeatureCache(tmp_path, "train", IDENTITY)
     sizes = {}
