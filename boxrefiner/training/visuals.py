@@ -1,13 +1,15 @@
 """What a run shows after every epoch: `results.csv` and `results.png` from its history,
 `val_boxes.jpg` (the same few validation images every epoch, decoded once per run, with the truth,
 input and refined box of each object) and, with `logging.tensorboard`, the same scalars and box grid
-as TensorBoard events. The pictures are drawn on a background thread while the next epoch trains
-(results.png costs about 0.7 s of matplotlib on 2 CPU cores), one epoch's at a time, and never stop a
-run: a picture that cannot be drawn or written is a log line."""
+as TensorBoard events. The pictures are drawn on a background thread while the next epoch trains, one
+epoch's at a time; results.png and the TensorBoard grid are skipped for an epoch when drawing them
+would cost more than DUTY of the run's time (the last epoch is always drawn). They never stop a run:
+a picture that cannot be drawn or written is a log line."""
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ from boxrefiner.utils.files import first_line
 
 log = logging.getLogger(__name__)
 RESULTS_CSV, RESULTS_PNG, VAL_BOXES = "results.csv", "results.png", "val_boxes.jpg"
+# results.png (about 0.5 s of matplotlib on 2 CPU cores, and more while training competes for them)
+# takes at most this share of the wall time: on epochs of a few seconds it is redrawn every few epochs
+DUTY = 0.05
 
 
 def pictured_images(split: SplitData, count: int) -> list[int]:
@@ -64,26 +69,35 @@ class RunVisuals:
             self.row_of = {k: r for r, k in enumerate(objects)}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pictures") if self.main else None
         self.pending: Future | None = None
+        self.latest: tuple[list[dict], dict, torch.Tensor | None] | None = None
+        self.full_seconds, self.full_at, self.full_epoch = 0.0, 0.0, -1  # the last results.png: its cost, when, epoch
 
     def epoch_done(self, history: list[dict], record: dict) -> None:
-        """Rewrite results.csv now, and (in the background, once the previous epoch's are done)
-        results.png from the whole history, this epoch's boxes and its TensorBoard events."""
+        """Rewrite results.csv now; in the background (once the previous epoch's are done) this epoch's
+        boxes and TensorBoard scalars, and results.png with the TensorBoard grid unless drawing them
+        would take more than DUTY of the time since they were last drawn (short epochs; see close)."""
         if self.pool is None:
             return
         self._write(RESULTS_CSV, lambda path: write_results_csv(history, path))
         refined = self.pictured.refined.clone() if self.pictured is not None and self.pictured.refined is not None else None
         self.wait()
-        self.pending = self.pool.submit(self._draw, list(history), dict(record), refined)
+        self.latest = (list(history), dict(record), refined)
+        full = self.full_seconds <= DUTY * (time.monotonic() - self.full_at)
+        self.pending = self.pool.submit(self._draw, *self.latest, full)
 
-    def _draw(self, history: list[dict], record: dict, refined: torch.Tensor | None) -> None:
+    def _draw(self, history: list[dict], record: dict, refined: torch.Tensor | None, full: bool) -> None:
         try:
             grid = self.box_grid(int(record["epoch"]), refined) if self.thumbs and refined is not None else None
-            if self.plots:
-                self._write(RESULTS_PNG, lambda path: plot_results(history, path, self.title))
-                if grid is not None:
-                    self._write(VAL_BOXES, lambda path: save_picture(grid, path))
+            if self.plots and grid is not None:
+                self._write(VAL_BOXES, lambda path: save_picture(grid, path))
             if self.writer is not None:
-                write_scalars(self.writer, record, grid)
+                write_scalars(self.writer, record, grid if full else None)
+            if full:
+                started = time.monotonic()
+                if self.plots:
+                    self._write(RESULTS_PNG, lambda path: plot_results(history, path, self.title))
+                self.full_seconds, self.full_at = time.monotonic() - started, time.monotonic()
+                self.full_epoch = int(record["epoch"])
         except Exception as exc:  # a picture must not end hours of training; the log says what broke
             log.error("the pictures of epoch %s were not drawn: %s: %s", record.get("epoch"), type(exc).__name__,
                       first_line(exc))
@@ -110,9 +124,12 @@ class RunVisuals:
             log.warning("%s not written: %s", self.folder / name, first_line(exc))
 
     def close(self) -> None:
-        """Wait for the last pictures, then close the TensorBoard file."""
+        """Wait for the last pictures (results.png of the last epoch drawn now if it was skipped), then
+        close the TensorBoard file."""
         if self.pool is not None:
             self.wait()
+            if self.latest is not None and self.full_epoch != self.latest[1]["epoch"]:
+                self._draw(*self.latest, full=True)
             self.pool.shutdown()
         if self.writer is not None:
             self.writer.close()

@@ -202,7 +202,7 @@ def test_a_second_yolo_run_replaces_the_first_and_clips_to_the_image(trained, va
     out = tmp_path / "labels"
     assert refine(trained, val_images, rows, tmp_path, "--output", str(out), "--output-format", "yolo") == 0
     first = rows[0]["file_name"]
-    width, height = Image.open(val_images / first).size
+    width = Image.open(val_images / first).width
     again = [rows[0], {**rows[0], "bbox": [0, 0, 1e300, 1e300]}, {**rows[0], "bbox": [width + 5, 3, 10, 10]}]
     assert refine(trained, val_images, again, tmp_path, "--output", str(out), "--output-format", "yolo") == 0
     assert sorted(p.name for p in out.iterdir()) == [".boxrefiner-output", Path(first).stem + ".txt"]  # no stale files

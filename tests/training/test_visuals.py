@@ -45,12 +45,14 @@ def run(synthetic_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("visuals")
     raw = small_config(synthetic_root, work, training={"epochs": 2}, refinement={"max_iter": 2, "gate": False},
                        logging={"plots": True, "tensorboard": True, "val_images": 4})
-    train(config_from_dict(raw), CPU)
-    shutil.copy(work / "ckpt" / "last.pth", work / "epoch1.pth")
-    raw["training"]["epochs"] = 3
-    cfg = config_from_dict(raw)
-    train(cfg, CPU, resume=str(work / "ckpt" / "last.pth"))
-    train(cfg, CPU, resume=str(work / "epoch1.pth"), allow_rollback=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(visuals, "DUTY", 1e9)  # results.png and the grid every epoch, however short
+        train(config_from_dict(raw), CPU)
+        shutil.copy(work / "ckpt" / "last.pth", work / "epoch1.pth")
+        raw["training"]["epochs"] = 3
+        cfg = config_from_dict(raw)
+        train(cfg, CPU, resume=str(work / "ckpt" / "last.pth"))
+        train(cfg, CPU, resume=str(work / "epoch1.pth"), allow_rollback=True)
     return cfg, work
 
 
@@ -145,8 +147,8 @@ def test_a_picture_that_fails_does_not_stop_the_run(synthetic_root, tmp_path, mo
     assert len(history) == 2 and (tmp_path / "ckpt" / "last.pth").is_file()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert sum("pictures of epoch 0 were not drawn: RuntimeError: no font" in line for line in errors) == 1
-    assert sum("val_boxes.jpg not written" in line for line in errors) == 1  # epoch 1: the folder in the way
-    assert (tmp_path / "out" / "results.png").is_file()  # epoch 1 drew it
+    assert sum("val_boxes.jpg not written" in line for line in errors) == 2  # each epoch: the folder in the way
+    assert (tmp_path / "out" / "results.png").is_file()  # drawn after epoch 1
     assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 3
 
 
@@ -191,8 +193,26 @@ def test_each_image_of_the_grid_shows_its_own_objects(run):
         left = cell * CELL + (CELL - thumb.image.width) // 2
         top = header + (CELL - thumb.image.height) // 2
         for k in thumb.objects:
-            x0, y0, x1, y1 = (v * thumb.scale for v in split.objects[k].box)
+            _, y0, x1, y1 = (v * thumb.scale for v in split.objects[k].box)
             edge = pixels[top + round(y0) + 3:top + round(y1) - 2, left + max(0, round(x1) - 1):left + round(x1) + 2]
             drawn = (np.abs(edge - np.array(REFINED)).max(2) < 30).any(1)  # rows of its right edge in the colour
             assert drawn.mean() > 0.3, f"object {k} is not drawn where it is"
     shown.close()
+
+
+def test_short_epochs_redraw_results_png_within_its_share_of_the_time_and_always_the_last(synthetic_root, tmp_path,
+                                                                                          monkeypatch):
+    drawn = []
+    works = visuals.plot_results
+
+    def counted(history, path, title=""):
+        drawn.append(len(history))
+        works(history, path, title)
+
+    monkeypatch.setattr(visuals, "plot_results", counted)
+    monkeypatch.setattr(visuals, "DUTY", 0.0)  # no time for it: only the first epoch and the last
+    raw = small_config(synthetic_root, tmp_path, training={"epochs": 3}, logging={"plots": True, "val_images": 2})
+    train(config_from_dict(raw), CPU)
+    assert drawn == [1, 3]
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert len(rows) == 3  # the table every epoch
