@@ -55,13 +55,18 @@ def box_tile(thumb: Thumbnail, truth: np.ndarray, inputs: np.ndarray, refined: n
     before = box_iou(torch.from_numpy(inputs[ok]), torch.from_numpy(truth[ok])).numpy()
     after = box_iou(torch.from_numpy(refined[ok]), torch.from_numpy(truth[ok])).numpy()
     boxes = [Box(b * s, TRUTH, width=3) for b in truth]
-    boxes += [Box(b * s, REFINED, f"{a - i:+.2f}") for b, i, a in zip(refined[ok], before, after)]
+    boxes += [Box(b * s, REFINED, f"{gain(a - i):+.2f}") for b, i, a in zip(refined[ok], before, after)]
     boxes += [Box(b * s, INPUT, dashed=True) for b in inputs[ok]]
     draw_boxes(tile, boxes, text_size=13)
     caption = (f"{Path(thumb.file_name).name}  IoU {before.mean():.2f} -> {after.mean():.2f}" if ok.any()
                else f"{Path(thumb.file_name).name}  (not validated)")
     label(ImageDraw.Draw(tile), (0, tile.height), caption, (235, 235, 235), 13, tile.size)
     return tile
+
+
+def gain(value: float) -> float:
+    """An IoU gain as written on a box: one that rounds to zero is +0.00, never -0.00."""
+    return value if abs(value) >= 0.005 else 0.0
 
 
 def boxes_grid(tiles: Sequence[Image.Image], title: str, columns: int = 4) -> Image.Image:
