@@ -31,6 +31,8 @@ def _spec(default: Any, *, lo: float | None = None, hi: float | None = None, lo_
 
 ModelType = Literal["vit_tiny", "vit_b", "vit_l", "vit_h"]  # HQ-SAM's image encoders
 Precision = Literal["fp32", "bf16", "fp16"]  # the encoder's compute precision for extraction
+# auto: bf16 where the device computes bfloat16 natively, else fp32 (made concrete once a run knows its device)
+PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,13 @@ class HQSAMConfig:
     # Encoder input side. Real checkpoints need 1024; smaller sizes are for random-weight tests.
     input_size: int = _spec(1024, lo=64)
     # Precision of cache extraction; part of the cache key because it changes the embedding.
-    precision: Precision = "fp32"
+    precision: PrecisionSetting = "fp32"
     batch_size: int = _spec(4, lo=1)
+    # How the encoder computes, not what: the same features within float rounding (like thread
+    # counts), so none of these is part of the cache key.
+    attention: Literal["sdpa", "original"] = "sdpa"  # PyTorch's fused attention, or the library's own
+    compile: bool = False  # torch.compile the encoder (falls back to eager, with a log line, where it cannot)
+    channels_last: bool = False  # the encoder's convolutions in channels-last memory layout
 
 
 @dataclass(frozen=True)
@@ -186,7 +193,7 @@ class FeatureCacheConfig:
     enabled: bool = True
     cache_dir: str = "./features"
     auto_detect: bool = True
-    storage_dtype: Literal["float16", "float32"] = "float16"
+    storage_dtype: Literal["float16", "float32", "int8"] = "float16"  # int8: per channel, scale and zero point
     # auto: hold a split in the training device's memory when it fits memory_budget_gb (default: half
     # the available RAM; on CUDA, half the free GPU memory); true: always; false: stream from disk.
     in_memory: bool | Literal["auto"] = "auto"

@@ -1,3 +1,3 @@
 """The package version, in a module of its own so every layer can name it."""
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"

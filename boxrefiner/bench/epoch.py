@@ -97,23 +97,6 @@ def measure(cfg: Config, device: torch.device, epochs: int = 3, cache_off_epochs
     return result
 
 
-def fp16_storage_error(cfg: Config, count: int = 8) -> dict:
-    """How far float16 storage moves the embeddings of a few training images (float32 encoder output)."""
-    from boxrefiner.data.images import load_rgb
-    from boxrefiner.features.encoder import build_encoder, encoder_identity, preprocess
-    train_split, _ = prepare_splits(cfg)
-    encoder = build_encoder(cfg.hqsam, torch.device("cpu"), encoder_identity(cfg.hqsam))
-    images = torch.stack([preprocess(load_rgb(s.image_path), cfg.hqsam.input_size) for s in train_split.images[:count]])
-    features = encoder.encode(images).numpy()
-    error = np.abs(features.astype(np.float16).astype(np.float32) - features)
-    return {"images": len(images), "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
-            "feature_abs_max": float(np.abs(features).max())}
-
-
-
-
-
-
 def _cache_setting(cfg: Config, **changes) -> Config:
     return replace(cfg, "optimization", feature_cache=dataclasses.replace(cfg.optimization.feature_cache, **changes))
 

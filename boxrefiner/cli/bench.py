@@ -47,15 +47,19 @@ def epoch_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def run_epoch(argv: Sequence[str] | None, prog: str | None) -> int:
-    from boxrefiner.bench.epoch import fp16_storage_error, measure, measure_streamed
+    from boxrefiner.bench.epoch import measure, measure_streamed
+    from boxrefiner.bench.extract import storage_deviation
+    from boxrefiner.features.encoder import resolved_precision
     args = epoch_parser(prog).parse_args(argv)
     setup_logging()
     cfg, _ = load_config(args.config)
+    device = resolve_device(args.device)
+    cfg = resolved_precision(cfg, device)
     if args.streamed:
-        result = measure_streamed(cfg, resolve_device(args.device), args.epochs)
+        result = measure_streamed(cfg, device, args.epochs)
     else:
-        result = measure(cfg, resolve_device(args.device), args.epochs, args.cache_off_epochs)
-        result["fp16_storage"] = fp16_storage_error(cfg)
+        result = measure(cfg, device, args.epochs, args.cache_off_epochs)
+        result["storage_deviation"] = storage_deviation(cfg)
     print(json.dumps(result, indent=1))
     if args.json:
         write_json(args.json, result)
@@ -86,6 +90,43 @@ def run_startup(argv: Sequence[str] | None, prog: str | None) -> int:
     if args.json:
         write_json(args.json, result)
     print(f"startup {result['images']} images: {result['warm_start_seconds']:.1f} s")
+    return 0
+
+
+def extract_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from boxrefiner.bench.extract import MODES
+    parser = argparse.ArgumentParser(prog=prog, description="Extraction speed of each encoder mode (bare encoder and "
+                                                            "the whole pipeline), its feature deviation from fp32 "
+                                                            "and, with --train-epochs, the refiner trained on it.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--images", type=positive_int, default=8, help="training images timed per mode and round")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="rounds; the modes take turns in each")
+    parser.add_argument("--train-epochs", type=int, default=0,
+                        help="also train a refiner this many epochs on each mode's features (extracts the whole "
+                             "dataset once per mode: slow)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=None, help="default: all")
+    add_device_argument(parser)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    return parser
+
+
+def run_extract(argv: Sequence[str] | None, prog: str | None) -> int:
+    from boxrefiner.bench.extract import markdown_table, measure, targets
+    from boxrefiner.data.synthetic import ensure_synthetic_data
+    from boxrefiner.features.encoder import resolved_precision
+    args = extract_parser(prog).parse_args(argv)
+    setup_logging()
+    cfg, _ = load_config(args.config)
+    device = resolve_device(args.device)
+    cfg = resolved_precision(cfg, device)  # the modes set their own; the rest of the config as a run sees it
+    ensure_synthetic_data(cfg)
+    result = measure(cfg, device, args.images, args.rounds, args.train_epochs, args.modes)
+    print(markdown_table(result))
+    result["targets"] = targets(result, device.type)
+    for key, t in result["targets"].items():
+        print(f"target {key} {t['target']}: {t['status']} ({t['value']:.3g})")
+    if args.json:
+        write_json(args.json, result)
     return 0
 
 
@@ -120,6 +161,8 @@ def run_suite(argv: Sequence[str] | None, prog: str | None, demo: Path = DEMO) -
     cfg = suite_config(args, demo)
     device = resolve_device(args.device)
     setup_logging()
+    from boxrefiner.features.encoder import resolved_precision
+    cfg = resolved_precision(cfg, device)
     from boxrefiner.bench.suite import markdown_table, write_outputs
     from boxrefiner.bench.suite import run_suite as measure_suite
     from boxrefiner.data.synthetic import ensure_synthetic_data
@@ -134,11 +177,12 @@ def run_suite(argv: Sequence[str] | None, prog: str | None, demo: Path = DEMO) -
 
 def main(argv: Sequence[str] | None = None, prog: str = "boxrefiner bench") -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    jobs = {"epoch": run_epoch, "suite": run_suite, "startup": run_startup}
+    jobs = {"epoch": run_epoch, "suite": run_suite, "startup": run_startup, "extract": run_extract}
     if not args or args[0] not in jobs:
-        print(f"usage: {prog} {{epoch,suite,startup}} [options]\n  epoch    where one training epoch's time goes "
-              "(cache off / warm / head alone)\n  suite    every speed-up side by side, with table and chart\n"
-              "  startup  a warm training start-up on N synthetic images",
+        print(f"usage: {prog} {{epoch,suite,startup,extract}} [options]\n  epoch    where one training epoch's time "
+              "goes (cache off / warm / head alone)\n  suite    every speed-up side by side, with table and chart\n"
+              "  startup  a warm training start-up on N synthetic images\n"
+              "  extract  extraction speed and feature deviation of each encoder mode",
               file=sys.stderr if args[:1] not in (["-h"], ["--help"]) else sys.stdout)
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
     job = jobs[args[0]]

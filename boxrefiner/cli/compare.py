@@ -21,6 +21,7 @@ from boxrefiner.cli.common import add_device_argument, run_command
 from boxrefiner.config import Config, fast_variant, load_config, replace
 from boxrefiner.data.synthetic import ensure_synthetic_data
 from boxrefiner.features.cache import clear_features
+from boxrefiner.features.encoder import resolved_precision
 from boxrefiner.utils.device import resolve_device
 from boxrefiner.utils.logs import setup_logging
 
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, demo: Path 
         cfg, _ = load_config(args.config)
         setup_logging(cfg.output.log_dir)
         device = resolve_device(args.device)
+        cfg = resolved_precision(cfg, device)
         ensure_synthetic_data(cfg)
         if args.clear_cache:
             clear_features(cfg, every_encoder=False)

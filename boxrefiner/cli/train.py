@@ -115,6 +115,8 @@ def run(argv: Sequence[str] | None, prog: str) -> int:
         return 0
     device = distributed.init(resolve_device(args.device))  # under torchrun: join the world first
     setup_logging(cfg.output.log_dir)
+    from boxrefiner.features.encoder import resolved_precision
+    cfg = resolved_precision(cfg, device)  # before anything names the encoder (clearing the cache does)
     for key in ignored:
         log.info("config key '%s' is accepted for compatibility with the original tool but not used", key)
     for note in notes:

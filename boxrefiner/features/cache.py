@@ -43,6 +43,7 @@ from boxrefiner.features.encoder import (
     EncoderIdentity,
     encoder_identity,
 )
+from boxrefiner.features.storage import Storage
 from boxrefiner.utils.allocator import gc_paused
 from boxrefiner.utils.files import (
     STALE_TEMP_SECONDS,
@@ -217,20 +218,21 @@ class FeatureCache:
         self.root = Path(cache_dir)
         self.dir = self.root / split
         self.identity = identity
-        self.dtype = np.dtype(storage_dtype)
         grid = identity.input_size // PATCH
         self.shape = (EMBED_DIM, grid, grid)
-        self._salt = f"{identity.key}|{self.dtype.name}"
+        self.storage = Storage(storage_dtype, self.shape)
+        self.dtype = self.storage.value_dtype  # what a read hands out (float16 for int8 entries)
+        self._salt = f"{identity.key}|{np.dtype(storage_dtype).name}"
         self.tag = cache_tag(identity, storage_dtype)
         self.stats = CacheStats()
         self.manifest = Manifest(self.dir)
-        self.info = {"identity": asdict(identity), "label": identity.short(), "storage_dtype": self.dtype.name,
+        self.info = {"identity": asdict(identity), "label": identity.short(), "storage_dtype": self.storage.name,
                      "shape": list(self.shape)}
         self._root_ready = False
 
     @property
     def entry_bytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize + _NPY_HEADER
+        return self.storage.disk_bytes + _NPY_HEADER
 
     def key_for(self, image_digest: str) -> str:
         import hashlib
@@ -269,9 +271,11 @@ class FeatureCache:
         except (ValueError, OSError, EOFError) as exc:
             self._bad(path, f"unreadable ({exc})", count)
             return None
-        if arr.shape != self.shape or arr.dtype != self.dtype:
-            self._bad(path, f"of shape {arr.shape} {arr.dtype}, expected {self.shape} {self.dtype}", count)
+        disk = self.storage
+        if arr.shape != disk.disk_shape or arr.dtype != disk.disk_dtype:
+            self._bad(path, f"of shape {arr.shape} {arr.dtype}, expected {disk.disk_shape} {disk.disk_dtype}", count)
             return None
+        arr = disk.decode(arr)
         if not np.isfinite(arr).all():
             self._bad(path, "not finite (NaN or inf values)", count)
             return None
@@ -281,16 +285,20 @@ class FeatureCache:
 
     def stored_value(self, features: np.ndarray) -> np.ndarray:
         """What an entry holds for these features: the storage dtype's rounding."""
-        stored = np.ascontiguousarray(features, dtype=self.dtype)
-        if stored.shape != self.shape:
-            raise ValueError(f"feature shape {stored.shape} does not match the cache's {self.shape}")
-        return stored
+        if features.shape != self.shape:
+            raise ValueError(f"feature shape {features.shape} does not match the cache's {self.shape}")
+        return self.storage.round_trip(features)
 
     def save(self, key: str, features: np.ndarray, record: dict) -> np.ndarray | None:
         """Store atomically in the storage dtype and list it in the manifest (`record`: the image's file,
         width, height); returns exactly what was stored, or None (nothing written) when not finite."""
-        stored = self.stored_value(features)
-        if not np.isfinite(stored).all():
+        if features.shape != self.shape:
+            raise ValueError(f"feature shape {features.shape} does not match the cache's {self.shape}")
+        if not np.isfinite(features).all():
+            return None
+        encoded = self.storage.encode(features)
+        stored = self.storage.decode(encoded)
+        if not np.isfinite(stored).all():  # beyond float16's range
             return None
         if not self._root_ready:
             if not self.root.is_dir():
@@ -300,7 +308,7 @@ class FeatureCache:
         self.manifest.add(self.tag, self.info, {key: record})  # listed first: a kill cannot orphan it
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: np.save(f, stored))
+        atomic_write(path, lambda f: np.save(f, encoded))
         return stored
 
     def listed(self) -> dict[str, dict]:

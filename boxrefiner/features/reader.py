@@ -39,13 +39,22 @@ class EntryReader:
 
     def __init__(self, cache: FeatureCache):
         self.cache = cache
-        self.header = npy_header(cache.shape, cache.dtype)
-        self.nbytes = int(np.prod(cache.shape)) * cache.dtype.itemsize
+        self.storage = cache.storage
+        self.header = npy_header(self.storage.disk_shape, self.storage.disk_dtype)
+        self.nbytes = self.storage.disk_bytes
+
+    def scratch_for(self, dtype: np.dtype | torch.dtype) -> np.ndarray | None:
+        """The buffer read_into needs for rows of `dtype` (None: it reads straight into them)."""
+        if isinstance(dtype, torch.dtype):
+            dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        if dtype == self.storage.disk_dtype and not self.storage.quantised:
+            return None
+        return np.empty(self.storage.disk_shape, self.storage.disk_dtype)
 
     def read_into(self, key: str, row: torch.Tensor, scratch: np.ndarray | None, count: bool = False) -> bool:
-        """Fill `row` with the entry; False when it is missing or bad (the cache healed what was bad,
-        counted in its stats with `count`: from one thread only). `scratch` (storage dtype, the
-        entry's shape) is needed when `row` has another dtype."""
+        """Fill `row` with the entry's values; False when it is missing or bad (the cache healed what was
+        bad, counted in its stats with `count`: from one thread only). `scratch` (see scratch_for) is
+        needed when `row` has another dtype than the stored one, or the entry is int8."""
         target = row.numpy() if scratch is None else scratch
         path = self.cache.find(key)
         if path is None:
@@ -56,7 +65,7 @@ class EntryReader:
         except OSError:
             ok = False
         if ok and scratch is not None:
-            row.copy_(torch.from_numpy(scratch))
+            row.copy_(torch.from_numpy(self.storage.decode(scratch)))
         # NaN/inf anywhere make the sum NaN/inf (a finite map cannot overflow float32's sum): one pass,
         # no temporary mask; a map that fails this takes the checked path, which looks cell by cell
         if ok and math.isfinite(float(row.sum(dtype=torch.float32))):
@@ -92,11 +101,11 @@ class BatchStream:
         self.threads = max(1, threads)
         self.ahead = max(1, ahead)
         self.dtype = dtype
-        self.convert = torch.empty(0, dtype=dtype).numpy().dtype != cache.dtype
+        self.convert = self.reader.scratch_for(dtype) is not None
         self.shape = cache.shape
         self.buffers = [torch.empty((batch_images, *cache.shape), dtype=dtype, pin_memory=pin)
                         for _ in range(self.ahead + 2)]
-        self.scratch = [np.empty(cache.shape, cache.dtype) for _ in range(self.threads)] if self.convert else []
+        self.scratch = [self.reader.scratch_for(dtype) for _ in range(self.threads)] if self.convert else []
 
     def _fill(self, slot: int, images: torch.Tensor, previous: ReadBatch | None, readers: ThreadPoolExecutor) -> torch.Tensor:
         """Read a batch's entries into ring buffer `slot`; returns which rows could not be read."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,15 +36,15 @@ from torch.utils.data import (
 )
 
 from boxrefiner.config import Config
-from boxrefiner.data.images import DECODE_ERRORS, load_rgb, readable
+from boxrefiner.data.images import readable
 from boxrefiner.data.splits import ImageRecord, SplitData
 from boxrefiner.features.cache import FeatureCache
+from boxrefiner.features.decode import ImageDataset, image_batches
 from boxrefiner.features.encoder import (
     EncoderIdentity,
     ImageEncoder,
     build_encoder,
     encoder_identity,
-    preprocess,
 )
 from boxrefiner.features.reader import BatchStream, EntryReader
 from boxrefiner.utils import distributed
@@ -58,31 +60,6 @@ from boxrefiner.utils.signals import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ImageDataset(Dataset):
-    """Decoded, SAM-preprocessed images (decoding and resizing run in DataLoader workers)."""
-
-    def __init__(self, paths: Sequence[Path], input_size: int):
-        self.paths = paths
-        self.input_size = input_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        try:
-            return index, preprocess(load_rgb(self.paths[index]), self.input_size)
-        except DECODE_ERRORS:  # truncated or corrupt: an empty tensor, dropped by the caller
-            log.warning("cannot decode %s; skipping it", self.paths[index])
-            return index, torch.empty(0)
-
-
-def collate_images(batch: list[tuple[int, torch.Tensor]]):
-    good = [(i, t) for i, t in batch if t.numel()]
-    bad = [i for i, t in batch if not t.numel()]
-    images = torch.stack([t for _, t in good]) if good else torch.empty(0)
-    return torch.tensor([i for i, _ in good], dtype=torch.long), images, bad
 
 
 def unique_in_order(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,31 +239,48 @@ def extract(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
             keep: bool = False, stop: StopRequest | None = None) -> Extraction:
     """Encode the given images and store them. Features that are not finite are encoded once more,
     alone; if they still are not, nothing is stored and the sample fails. With `stop`, a requested
-    stop ends the work after the batch in hand (every entry written is complete and listed)."""
+    stop ends the work after the batch in hand (every entry written is complete and listed).
+
+    Threads decode ahead of the encoder and one thread writes behind it, so the encoder waits for
+    neither (on a GPU, writing a batch's entries costs as much as encoding it)."""
     subset = [records[i] for i in indices]
-    loader = make_loader(ImageDataset([s.image_path for s in subset], cache.identity.input_size), batch_size,
-                         num_workers, encoder.device, collate_fn=collate_images, persistent=False)
+    batches = image_batches([s.image_path for s in subset], cache.identity.input_size, batch_size, num_workers,
+                            pin=encoder.device.type == "cuda")
     result = Extraction()
-    with progress(total=len(subset), desc=bar_desc, unit="img", disable=bar_desc is None) as bar:
-        for positions, images, bad in loader:
+    writes: deque[tuple[int, Future]] = deque()
+
+    def settle(behind: int) -> None:  # collect the writes older than the last `behind` (their errors raise here)
+        while len(writes) > behind:
+            index, write = writes.popleft()
+            stored = write.result()
+            if stored is None:  # finite features beyond the storage dtype's range
+                log.warning("%s: its features do not fit %s storage; leaving the image out", records[index].image_path,
+                            cache.storage.name)
+                result.failed[index] = "nonfinite_features"
+            elif keep:
+                result.stored[index] = stored
+
+    with progress(total=len(subset), desc=bar_desc, unit="img", disable=bar_desc is None) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="boxrefiner-write") as writer:
+        for positions, images, bad in batches:
             result.failed.update((indices[p], "unreadable_image") for p in bad)
             if len(positions):
                 features = encoder.encode(images).cpu().numpy()
                 for row, (position, feature) in enumerate(zip(positions.tolist(), features)):
                     index = indices[position]
-                    stored = cache.save(keys[index], feature, entry_record(records[index]))
-                    if stored is None:
-                        again = encoder.encode(images[row:row + 1]).cpu().numpy()[0]
-                        stored = cache.save(keys[index], again, entry_record(records[index]))
-                    if stored is None:
+                    if not np.isfinite(feature).all():
+                        feature = encoder.encode(images[row:row + 1]).cpu().numpy()[0]
+                    if not np.isfinite(feature).all():
                         log.warning("%s: its features are not finite (NaN or inf), also when encoded again; "
                                     "leaving the image out", records[index].image_path)
                         result.failed[index] = "nonfinite_features"
-                    elif keep:
-                        result.stored[index] = stored
+                        continue
+                    writes.append((index, writer.submit(cache.save, keys[index], feature, entry_record(records[index]))))
+            settle(behind=2 * batch_size)
             bar.update(len(positions) + len(bad))
             if stop_requested(stop):  # every entry written so far is complete and listed
                 break
+        settle(behind=0)
     return result
 
 
@@ -573,7 +567,7 @@ class FeatureSources:
         broke), their hit rate, entries healed, and bytes of entries read from disk."""
         batches = (self.train, self.val)
         streamed = [b for b in batches if isinstance(b, StreamedFeatures)]
-        entry = max((int(np.prod(c.shape)) * c.dtype.itemsize for c in self.caches.values()), default=0)
+        entry = max((c.storage.disk_bytes for c in self.caches.values()), default=0)
         served, encoded = sum(b.cache_reads for b in batches), sum(b.encoded for b in batches)
         healed = sum(b.healed for b in streamed) + sum(c.stats.healed for c in self.caches.values())
         read = sum(c.stats.bytes_read for c in self.caches.values()) + entry * sum(b.maps_read for b in streamed)
@@ -651,7 +645,7 @@ class FeatureSources:
         store = torch.zeros((len(keys), *cache.shape), dtype=torch_dtype(dtype), device=device)
         reader, broken = EntryReader(cache), []
         staging = None if device.type == "cpu" else torch.empty(cache.shape, dtype=torch_dtype(cache.dtype))
-        scratch = np.empty(cache.shape, cache.dtype) if staging is None and dtype != cache.dtype else None
+        scratch = reader.scratch_for(dtype if staging is None else cache.dtype)
         for i, key in enumerate(progress(keys, desc=f"Loading {cache.dir.name} into memory", unit="entry", leave=False)):
             if i in split.excluded:
                 continue

@@ -28,6 +28,7 @@ from boxrefiner.boxes import normalise_boxes, pixel_boxes
 from boxrefiner.config import Config, ConfigError, HQSAMConfig, ModelType, Precision, config_from_dict
 from boxrefiner.data.images import DECODE_ERRORS, oriented_size
 from boxrefiner.features.cache import FeatureCache
+from boxrefiner.features.decode import image_batches
 from boxrefiner.features.encoder import (
     ENCODER_REVISIONS,
     PREPROCESS_VERSION,
@@ -39,7 +40,7 @@ from boxrefiner.features.encoder import (
     file_sha256,
 )
 from boxrefiner.features.sam import BoxPrompter, load_sam_hq
-from boxrefiner.features.sources import ImageDataset, collate_images, make_loader
+from boxrefiner.features.storage import Storage
 from boxrefiner.modeling.checkpoint import CheckpointError, load_checkpoint
 from boxrefiner.modeling.head import BoxRefinementModule
 from boxrefiner.utils.device import resolve_device
@@ -203,12 +204,11 @@ class BoxRefiner:
 
     def _encode(self, pending: list[ImageFeatures], keys: dict[int, str], store: FeatureCache | None,
                 for_masks: bool) -> Iterator[ImageFeatures]:
-        """Encode the images no cache holds, in batches (decoded by workers when there are many)."""
-        workers = self.num_workers if len(pending) > self.batch_size else 0  # a few images: no worker start-up
-        loader = make_loader(ImageDataset([p.path for p in pending], self.identity.input_size), self.batch_size,
-                             workers, self.device, collate_fn=collate_images, persistent=False)
+        """Encode the images no cache holds, in batches (decoded ahead by threads when there are many)."""
+        threads = self.num_workers if len(pending) > self.batch_size else 0  # a few images: decoded in turn
         encoder = self.encoder
-        for positions, images, bad in loader:
+        for positions, images, bad in image_batches([p.path for p in pending], self.identity.input_size,
+                                                    self.batch_size, threads, pin=self.device.type == "cuda"):
             for position in bad:
                 pending[position].error = "unreadable_image"
                 yield pending[position]
@@ -218,7 +218,7 @@ class BoxRefiner:
             done = []
             for position, embedding, interm in zip(positions.tolist(), embeddings, interms):
                 item = pending[position]
-                stored = np.ascontiguousarray(embedding.cpu().numpy(), dtype=self.storage_dtype)  # what training saw
+                stored = Storage(self.storage_dtype, tuple(embedding.shape)).round_trip(embedding.cpu().numpy())  # what training saw
                 if not np.isfinite(stored).all():
                     item.error = "nonfinite_features"
                     yield item

@@ -18,6 +18,7 @@ from boxrefiner.config import Config, ConfigError
 from boxrefiner.data.layout import DataError
 from boxrefiner.data.splits import SplitData, describe_layout, load_split
 from boxrefiner.data.targets import InputSet, Targets, validation_inputs
+from boxrefiner.features.encoder import resolved_precision
 from boxrefiner.features.sources import FeatureSources
 from boxrefiner.modeling.build import build_model
 from boxrefiner.modeling.checkpoint import LAST, CheckpointError
@@ -56,6 +57,7 @@ def train(cfg: Config, device: torch.device, resume: str | None = None, debug: b
 
     Raises Interrupted after saving when `stop` was requested, TrainingError when it cannot go on."""
     device = distributed.init(device)
+    cfg = resolved_precision(cfg, device)
     if cfg.training.batch_size % distributed.world():
         raise ConfigError(f"config key 'training.batch_size': {cfg.training.batch_size} is the global batch and must "
                           f"divide by the {distributed.world()} processes of this run")
@@ -204,6 +206,7 @@ def extract_features(cfg: Config, device: torch.device, debug: bool = False,
     """Fill the feature cache for both splits and return (found, extracted): what training would do
     before its first epoch, alone or sharded across the ranks of a torchrun world."""
     device = distributed.init(device)
+    cfg = resolved_precision(cfg, device)
     if not cfg.cache_enabled:
         raise ConfigError("extracting features needs the feature cache: set optimization.feature_cache.enabled: true")
     train_split, val_split = prepare_splits(cfg, debug)

@@ -1,4 +1,4 @@
-"""The torch device a name stands for (`auto`, `cpu`, `cuda`, `cuda:N`), checked to exist."""
+"""The torch device a name stands for (`auto`, `cpu`, `cuda`, `cuda:N`), checked to exist; what the CPU can do."""
 
 from __future__ import annotations
 
@@ -23,3 +23,14 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"device '{name}': use auto, cpu, cuda or cuda:N")
     return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has bfloat16 kernels for this CPU (AVX-512 and newer). Without them CPU autocast
+    emulates bf16: a `vit_tiny` forward at 512 took 11.5 s instead of 0.8 s in float32 (2 cores of an
+    AVX2-only AMD EPYC, torch 2.14)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else True
+    except RuntimeError:
+        return True

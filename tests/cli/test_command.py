@@ -51,7 +51,7 @@ def test_python_dash_m_and_the_console_script_run():
 
 
 def test_overrides_win_over_flags_and_flags_over_the_file(capsys):
-    assert printed_config(capsys)["training"]["epochs"] == 40
+    assert printed_config(capsys)["training"]["epochs"] == yaml.safe_load(Path(DEMO).read_text())["training"]["epochs"]
     assert printed_config(capsys, "--debug")["training"]["epochs"] == 2  # debug.epochs
     assert printed_config(capsys, "--debug", "training.epochs=1")["training"]["epochs"] == 1
     fast = printed_config(capsys, "--fast", "training.batch_size=3", "data.sample_ratio=0.2", "hqsam.model_type=vit_b")

@@ -37,7 +37,7 @@ def test_variants_switch_exactly_one_thing_each():
         variant(base(), "turbo")
 
 
-def result_rows(cache_seconds=1.0, amp_memory=900.0, cache_iou=0.70):
+def result_rows(cache_seconds=1.0, amp_memory=600.0, cache_iou=0.70):
     rows = [
         {"name": "baseline", "epoch_seconds": 60.0, "peak_memory_mb": 1000.0, "val_iou": 0.70, "val_iou_loss": 0.30},
         {"name": "feature_cache", "epoch_seconds": cache_seconds, "peak_memory_mb": 1100.0, "val_iou": cache_iou,
@@ -63,16 +63,23 @@ def test_targets_pass_fail_and_not_measurable():
     slow = evaluate_targets(result_rows(cache_seconds=3.0, cache_iou=0.69), "cuda")
     assert slow["cache_speedup"]["status"] == "fail" and slow["feature_cache_iou_loss_change"]["status"] == "fail"
     assert slow["amp_memory_saving"]["status"] == "pass"
+    assert slow["amp_speedup"]["status"] == "pass"  # 60 s -> 40 s
     assert evaluate_targets(result_rows(amp_memory=1200.0), "cuda")["amp_memory_saving"]["status"] == "fail"
+    assert evaluate_targets(result_rows(amp_memory=800.0), "cuda")["amp_memory_saving"]["status"] == "fail"  # -20%
+    assert on_cpu["amp_speedup"]["status"].startswith("not measurable")
 
 
 def test_outputs_follow_the_schema(tmp_path):
     rows = result_rows()
     for r in rows:
         r.update(data_seconds=0.1, train_images=10, val_iou_input=0.6, wall_seconds=1.0)
+    extraction = {"model_type": "vit_tiny", "input_size": 256, "batch_size": 2, "images": 2, "rounds": 1,
+                  "device": "cpu", "modes": {"fp32": {"bare_images_per_second": 2.0, "pipeline_images_per_second": 1.9,
+                                                      "pipeline_over_bare": 0.95, "max_abs_deviation": 0.0,
+                                                      "mean_abs_deviation": 0.0}}}
     result = {"hardware": "test machine", "device": "cpu", "epochs": 2, "configs": rows,
               "extraction_images_per_second": 3.5, "head_only_epoch_seconds": 0.5,
-              "targets": evaluate_targets(rows, "cpu")}
+              "targets": evaluate_targets(rows, "cpu"), "extraction": extraction}
     paths = write_outputs(result, tmp_path)
     document = json.loads(paths["json"].read_text())
     assert {"hardware", "configs", "targets"} <= document.keys()
@@ -81,6 +88,7 @@ def test_outputs_follow_the_schema(tmp_path):
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = markdown_table(result)
     assert "| feature_cache | 1.00 s | 60.0x |" in table and "target cache_speedup >= 30x: pass" in table
+    assert "| fp32 | 2.000 | 1.00x | 1.900 | 1.00x | 95% |" in table
 
 
 def test_quick_mode_shrinks_the_embedded_default():
@@ -115,3 +123,56 @@ def test_head_only_timing_runs_real_training_steps(synthetic_root, tmp_path):
     seconds = head_only_seconds(config_from_dict(small_config(synthetic_root, tmp_path, training={"epochs": 2})),
                                 torch.device("cpu"), epochs=2)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
+
+
+def test_extraction_benchmark_measures_every_mode_against_fp32(synthetic_root, tmp_path, capsys):
+    import json
+
+    import torch
+    import yaml
+    from conftest import small_config
+
+    from boxrefiner.bench.extract import markdown_table, measure
+    from boxrefiner.cli.bench import main as bench_main
+
+    raw = small_config(synthetic_root, tmp_path, hqsam={"model_type": "vit_tiny", "allow_random_init": True,
+                                                        "input_size": 256, "batch_size": 2})
+    cfg = config_from_dict(raw)
+    result = measure(cfg, torch.device("cpu"), images=2, rounds=1, train_epochs=1,
+                     modes=["fp32", "bf16 channels-last", "bf16 channels-last, int8 storage"])
+    rows = result["modes"]
+    assert list(rows) == ["fp32", "bf16 channels-last", "bf16 channels-last, int8 storage"]
+    assert rows["fp32"]["max_abs_deviation"] == 0 and rows["fp32"]["bare_speedup"] == 1
+    assert 0 < rows["bf16 channels-last"]["mean_abs_deviation"] < rows["bf16 channels-last, int8 storage"]["mean_abs_deviation"]
+    for row in rows.values():
+        assert row["bare_images_per_second"] > 0 and row["pipeline_images_per_second"] > 0
+        assert 0 < row["refiner"]["val_iou_input"] < 1 and row["refiner"]["best_epoch"] == 0
+    assert rows["fp32"]["refiner"]["val_iou_input"] == rows["bf16 channels-last"]["refiner"]["val_iou_input"]  # same boxes
+    table = markdown_table(result)
+    assert table.count("\n| ") == 4 and "refined vs fp32" in table and "| +0.000 |" in table  # fp32 against itself
+    assert all("refined_vs_fp32" in r["refiner"] for r in rows.values())
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert bench_main(["extract", "--config", str(tmp_path / "c.yaml"), "--images", "2", "--rounds", "1",
+                       "--modes", "fp32", "fp32 sdpa", "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| fp32 sdpa |" in out and "target extraction_fastest_speedup >= 1.7x fp32 (fp32" in out
+    document = json.loads((tmp_path / "e.json").read_text())
+    assert set(document["modes"]) == {"fp32", "fp32 sdpa"} and "extraction_pipeline_over_encoder" in document["targets"]
+
+
+def extraction_rows(**speed):
+    """Extraction rows as measure() leaves them: (encoder speed-up, pipeline share) per mode."""
+    return {"modes": {m: {"bare_speedup": b, "pipeline_over_bare": p} for m, (b, p) in speed.items()}}
+
+
+def test_extraction_targets_take_the_fastest_mode_and_the_slowest_pipeline():
+    from boxrefiner.bench.extract import targets
+    result = extraction_rows(fp32=(1.0, 0.99), bf16=(1.9, 0.96), fp16=(1.2, 0.90))
+    on_cpu = targets(result, "cpu")
+    assert on_cpu["extraction_fastest_speedup"]["status"] == "pass" and "(bf16)" in on_cpu["extraction_fastest_speedup"]["target"]
+    assert on_cpu["extraction_pipeline_over_encoder"]["status"] == "fail"  # fp16's pipeline is at 90%
+    assert on_cpu["extraction_pipeline_over_encoder"]["value"] == 0.90
+    on_gpu = targets(result, "cuda")
+    assert on_gpu["extraction_fastest_speedup"]["status"] == "fail"  # 5x on a GPU
+    assert on_gpu["extraction_pipeline_over_encoder"]["status"] == "pass"
+    assert targets(extraction_rows(bf16=(1.9, 0.96)), "cpu") == {}  # nothing to compare against

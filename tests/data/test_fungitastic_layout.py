@@ -91,8 +91,8 @@ def test_hand_written_dataset_trains(hand_root, tmp_path):
 
 
 def test_wide_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, caplog):
+    from boxrefiner.features.decode import ImageDataset
     from boxrefiner.features.encoder import preprocess
-    from boxrefiner.features.sources import ImageDataset
     ramp = np.linspace(0, 1, 48 * 64).reshape(48, 64)
     Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
     Image.fromarray((ramp * 4_000_000 - 1_000_000).astype(np.int32)).save(tmp_path / "i32.tif")

@@ -1,5 +1,6 @@
 """The encoder sees exactly what SamPredictor.set_image feeds HQ-SAM, and never silently random weights."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -125,7 +126,9 @@ def test_small_input_sizes_give_small_grids(model_type):
     assert out.shape == (1, 256, 16, 16)
 
 
-def test_cached_entry_is_the_predictors_features_in_float16(sam_tiny_checkpoint, synthetic_root, tmp_path):
+@pytest.mark.parametrize("attention", ["original", "sdpa"])
+def test_cached_entry_is_the_predictors_features_in_float16(sam_tiny_checkpoint, synthetic_root, tmp_path, attention):
+    """The library's own attention gives the predictor's features to the bit; SDPA within float rounding."""
     from segment_anything_hq import SamPredictor
 
     from boxrefiner.config import DataConfig
@@ -137,14 +140,18 @@ def test_cached_entry_is_the_predictors_features_in_float16(sam_tiny_checkpoint,
 
     sam, path = sam_tiny_checkpoint
     sample = load_split(DataConfig(data_root=str(synthetic_root)), "val").images[0]
-    cfg = HQSAMConfig(checkpoint=str(path), model_type="vit_tiny")
+    cfg = HQSAMConfig(checkpoint=str(path), model_type="vit_tiny", attention=attention)
     identity = encoder_identity(cfg)
     cache = FeatureCache(tmp_path, "val", identity, "float16")
     key = cache.key_for(sha256_file(sample.image_path))
     warm_up(cache, [sample], [key], lambda: build_encoder(cfg, CPU, identity), batch_size=1, num_workers=0)
     predictor = SamPredictor(sam)
     predictor.set_image(load_rgb(sample.image_path))
-    assert np.array_equal(cache.load(key), predictor.features[0].numpy().astype(np.float16))
+    expected = predictor.features[0].numpy()
+    if attention == "original":
+        assert np.array_equal(cache.load(key), expected.astype(np.float16))
+    else:
+        assert np.abs(cache.load(key).astype(np.float32) - expected).max() < 2e-3 * np.abs(expected).max()
 
 
 # --- checkpoints whose every tensor differs from a fresh build (as any trained file's do) -------------
@@ -262,3 +269,27 @@ def test_entries_of_the_old_vit_tiny_path_are_never_served(tmp_path):
     assert current.key_for("image") != old.key_for("image") and current.load(current.key_for("image")) is None
     assert now.current and not before.current
     assert encoder_identity(HQSAMConfig(model_type="vit_b", allow_random_init=True)).revision == ""  # keys kept
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, caplog):
+    """`hqsam.precision: auto` (the demo's) becomes bf16 on a CPU with bfloat16 kernels and fp32 on one
+    that would emulate it many times slower; the identity, and so the cache key, names the result."""
+    from boxrefiner.config import config_from_dict
+    from boxrefiner.features import encoder as encoder_module
+    from boxrefiner.features.encoder import resolved_precision
+    cfg = config_from_dict({"data": {"data_root": "x"},
+                            "hqsam": {"model_type": "vit_tiny", "allow_random_init": True, "precision": "auto"}})
+    with pytest.raises(ValueError, match="resolved"):
+        encoder_identity(cfg.hqsam)  # nothing may name an encoder of unknown precision
+    chosen = {}
+    for native in (True, False):
+        monkeypatch.setattr(encoder_module, "cpu_has_bf16", lambda native=native: native)
+        with caplog.at_level("INFO", logger="boxrefiner"):
+            chosen[native] = resolved_precision(cfg, CPU).hqsam.precision
+    assert chosen == {True: "bf16", False: "fp32"}
+    assert sum("hqsam.precision auto: extracting in" in r.getMessage() for r in caplog.records) == 2
+    explicit = config_from_dict({"data": {"data_root": "x"}, "hqsam": {"precision": "bf16"}})
+    assert resolved_precision(explicit, CPU) is explicit  # an explicit precision is the user's choice
+    resolved = resolved_precision(cfg, CPU)
+    assert encoder_identity(resolved.hqsam).key == encoder_identity(
+        dataclasses.replace(cfg.hqsam, precision=resolved.hqsam.precision)).key

@@ -1,0 +1,70 @@
+"""int8 entries: per-channel scale and zero point in the same file, half of float16's bytes, read back
+within half a level, through every reader (checked load, streaming, in memory) alike."""
+
+import numpy as np
+import pytest
+import torch
+
+from boxrefiner.features.cache import FeatureCache
+from boxrefiner.features.encoder import EncoderIdentity
+from boxrefiner.features.reader import EntryReader
+from boxrefiner.features.storage import Storage
+
+IDENTITY = EncoderIdentity("vit_tiny", "random-init-test", 256, "fp32")
+
+
+def maps(seed=0, shape=(256, 16, 16)):
+    rng = np.random.default_rng(seed)
+    values = rng.normal(0, 1, shape).astype(np.float32)
+    values[3] *= 40  # channels of very different ranges: each gets its own scale
+    values[4] = 2.5  # a constant channel
+    return values
+
+
+def test_int8_round_trip_is_within_half_a_level_per_channel():
+    storage = Storage("int8", (256, 16, 16))
+    values = maps()
+    encoded = storage.encode(values)
+    assert encoded.dtype == np.int8 and encoded.shape == (256, 16 * 16 + 8)
+    decoded = storage.decode(encoded)
+    assert decoded.dtype == np.float16 and decoded.shape == values.shape  # float16's room in memory
+    step = (values.max(axis=(1, 2)) - values.min(axis=(1, 2))) / 255
+    error = np.abs(decoded.astype(np.float32) - values).max(axis=(1, 2))
+    assert (error <= step / 2 + np.abs(values).max(axis=(1, 2)) / 1024).all()  # half a level, and float16's rounding
+    assert (np.delete(error, 4) > np.delete(step, 4) / 4).all()  # it is quantised, not stored as float16
+    assert error[3] > 10 * error[0]  # the wide channel has its own, coarser scale
+    assert np.array_equal(decoded[4], values[4])  # a constant channel comes back exactly
+    assert np.array_equal(storage.round_trip(values), decoded)
+
+
+def test_int8_entries_read_back_the_same_through_every_reader(tmp_path):
+    cache = FeatureCache(tmp_path, "train", IDENTITY, "int8")
+    values = maps(1)
+    stored = cache.save("a" * 40, values, {"file_name": "x.jpg"})
+    assert stored is not None and stored.dtype == np.float16
+    assert np.array_equal(stored, cache.storage.round_trip(values))
+    path = cache.find("a" * 40)
+    assert path.stat().st_size == cache.entry_bytes
+    assert cache.entry_bytes == 256 * (16 * 16 + 8) + 128  # at 1024 input (64 x 64): 50.1% of float16's
+    assert np.array_equal(cache.load("a" * 40), stored)
+    reader = EntryReader(cache)
+    for dtype in (torch.float32, torch.float16):
+        row = torch.empty(cache.shape, dtype=dtype)
+        assert reader.read_into("a" * 40, row, reader.scratch_for(dtype))
+        assert np.array_equal(row.numpy(), stored)
+    assert cache.key_for("img") != FeatureCache(tmp_path, "train", IDENTITY, "float32").key_for("img")
+
+
+def test_a_float16_entry_under_an_int8_key_is_healed(tmp_path):
+    cache = FeatureCache(tmp_path, "train", IDENTITY, "int8")
+    cache.save("b" * 40, maps(2), {"file_name": "y.jpg"})
+    np.save(cache.find("b" * 40), maps(2).astype(np.float16))  # another version's bytes under the key
+    assert cache.load("b" * 40) is None and cache.find("b" * 40) is None and cache.stats.healed == 1
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_float_storage_is_unchanged(storage):
+    values = maps(3)
+    codec = Storage(storage, values.shape)
+    assert codec.encode(values).dtype == np.dtype(storage) and codec.encode(values).shape == values.shape
+    assert np.array_equal(codec.round_trip(values), values.astype(storage))
