@@ -70,9 +70,10 @@ def deviation(values: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 def storage_deviation(cfg: Config, count: int = 8) -> dict[str, dict]:
     """What each storage dtype does to the fp32 embeddings of `count` training images (the config's
-    encoder, attention and precision as set)."""
+    encoder on the CPU, in fp32)."""
     train_split, _ = prepare_splits(cfg)
-    encoder = build_encoder(cfg.hqsam, torch.device("cpu"), encoder_identity(cfg.hqsam))
+    hqsam = dataclasses.replace(cfg.hqsam, precision="fp32")
+    encoder = build_encoder(hqsam, torch.device("cpu"), encoder_identity(hqsam))
     images = torch.stack([preprocess(load_rgb(s.image_path), cfg.hqsam.input_size) for s in train_split.images[:count]])
     features = encoder.encode(images).numpy()
     result: dict[str, dict] = {}
@@ -86,9 +87,16 @@ def storage_deviation(cfg: Config, count: int = 8) -> dict[str, dict]:
 def bare_seconds(encoder: ImageEncoder, batches: list[torch.Tensor]) -> tuple[float, np.ndarray]:
     """Seconds to encode every batch (after one warm-up batch: compilation, allocator), and the embeddings."""
     encoder.encode(batches[0])
+    synchronise(encoder.device)
     start = time.perf_counter()
     out = [encoder.encode(batch) for batch in batches]
-    return time.perf_counter() - start, torch.cat(out).numpy()
+    synchronise(encoder.device)  # CUDA runs asynchronously: time the work, not its launch
+    return time.perf_counter() - start, torch.cat(out).cpu().numpy()
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def pipeline_seconds(cfg: Config, encoder: ImageEncoder, folder: Path, records, round_: int) -> float:

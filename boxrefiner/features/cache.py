@@ -280,7 +280,7 @@ class FeatureCache:
             self._bad(path, "not finite (NaN or inf values)", count)
             return None
         if count:
-            self.stats.bytes_read += arr.nbytes
+            self.stats.bytes_read += disk.disk_bytes
         return arr
 
     def stored_value(self, features: np.ndarray) -> np.ndarray:

@@ -198,10 +198,11 @@ class EncoderIdentity:
 
 def native_precision(device: torch.device) -> tuple[str, str]:
     """The extraction precision `auto` stands for on this device, and why."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"{torch.cuda.get_device_name(device)} computes bfloat16"
-        return "fp32", f"{torch.cuda.get_device_name(device)} has no bfloat16"
+    if device.type == "cuda":  # native bfloat16 from compute capability 8 (Ampere) on; older GPUs emulate it
+        name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bf16", f"{name} (compute capability {major}.{minor}) computes bfloat16"
+        return "fp32", f"{name} (compute capability {major}.{minor}) has no native bfloat16"
     if device.type == "cpu" and cpu_has_bf16():
         return "bf16", f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has bfloat16 kernels"
     return "fp32", f"{device.type} has no native bfloat16 here ({torch.backends.cpu.get_cpu_capability()})"
@@ -266,7 +267,17 @@ class ImageEncoder:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.module.to(memory_format=torch.channels_last)
-        self.run: nn.Module | None = torch.compile(self.module) if compiled else None  # type: ignore[assignment]
+        self.run: nn.Module | None = None
+        if compiled:
+            try:
+                self.run = torch.compile(self.module)  # type: ignore[assignment]
+            except Exception as exc:  # e.g. a Python this torch's compiler does not support
+                self._cannot_compile(exc)
+
+    @staticmethod
+    def _cannot_compile(exc: Exception) -> None:
+        log.warning("hqsam.compile: torch.compile cannot compile the encoder here (%s: %s); it runs eagerly",
+                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
 
     def _forward(self, images: torch.Tensor):
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -274,8 +285,7 @@ class ImageEncoder:
             try:
                 return self.run(images)
             except Exception as exc:  # no compiler toolchain, an unsupported op: eager gives the same features
-                log.warning("hqsam.compile: torch.compile cannot compile the encoder here (%s: %s); it runs eagerly",
-                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                self._cannot_compile(exc)
                 self.run = None
         return self.module(images)
 

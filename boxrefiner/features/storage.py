@@ -5,7 +5,7 @@ file is then a (C, H*W + 8) int8 `.npy`: half of float16's bytes, read and writt
 
 Readers always get the values back (`decode`): float16/float32 maps as stored, int8 maps as
 `level * scale + zero` in float16, so an int8 split held in memory takes float16's room, not float32's
-(float16's rounding is a tenth of a level). What training and inference see is `round_trip(features)`, the same values
+(float16's own rounding, at most 0.0039 on values within ±8, adds to the quantisation's half level). What training and inference see is `round_trip(features)`, the same values
 a read returns, so a freshly encoded image and a cached one give the same boxes.
 """
 

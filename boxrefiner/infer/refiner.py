@@ -218,14 +218,16 @@ class BoxRefiner:
             done = []
             for position, embedding, interm in zip(positions.tolist(), embeddings, interms):
                 item = pending[position]
-                stored = Storage(self.storage_dtype, tuple(embedding.shape)).round_trip(embedding.cpu().numpy())  # what training saw
-                if not np.isfinite(stored).all():
+                raw = embedding.cpu().numpy()
+                stored: np.ndarray | None = None
+                if np.isfinite(raw).all():  # what training saw: the storage dtype's values, as a cached read gives
+                    stored = (store.save(keys[item.index], raw, {"file": str(item.path), "width": item.width,
+                                                                   "height": item.height}) if store is not None
+                              else Storage(self.storage_dtype, tuple(raw.shape)).round_trip(raw))
+                if stored is None or not np.isfinite(stored).all():
                     item.error = "nonfinite_features"
                     yield item
                     continue
-                if store is not None:
-                    store.save(keys[item.index], stored, {"file": str(item.path), "width": item.width,
-                                                          "height": item.height})
                 item.embedding = torch.from_numpy(stored).float()
                 item.sam_features = (embedding, interm) if for_masks else None
                 self.encoded += 1
@@ -244,7 +246,8 @@ class BoxRefiner:
             else:
                 cfg = HQSAMConfig(checkpoint=checkpoint, model_type=cast(ModelType, self.identity.model_type),
                                   allow_random_init=checkpoint is None, input_size=self.identity.input_size,
-                                  precision=cast(Precision, self.identity.precision))
+                                  precision=cast(Precision, self.identity.precision),
+                                  attention=self.cfg.hqsam.attention, channels_last=self.cfg.hqsam.channels_last)
                 self._encoder = build_encoder(cfg, self.device, self.identity)
         return self._encoder
 

@@ -53,8 +53,10 @@ def check_resume(state: dict, path: str, cfg: Config, device: torch.device) -> N
     allowed, refused = config_changes(state["config"], cfg.to_dict())
     if refused:
         key, change = refused[0].split(": ", 1)
-        raise CheckpointError(f"resuming from {path}: config key '{key}' changed ({change}); that changes the model or "
-                              "the data, so the run cannot continue: restore it, or start a new run")
+        hint = (" (hqsam.precision auto chooses by the device: set the run's precision explicitly to continue it here)"
+                if key == "hqsam.precision" else "")
+        raise CheckpointError(f"resuming from {path}: config key '{key}' changed ({change}){hint}; that changes the model "
+                              "or the data, so the run cannot continue: restore it, or start a new run")
     partial = state.get("partial_epoch")
     same_world = int(state.get("world_size") or 1) == distributed.world()
     if partial and same_world and state["config"]["training"]["batch_size"] != cfg.training.batch_size:

@@ -293,3 +293,12 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, capl
     resolved = resolved_precision(cfg, CPU)
     assert encoder_identity(resolved.hqsam).key == encoder_identity(
         dataclasses.replace(cfg.hqsam, precision=resolved.hqsam.precision)).key
+
+
+def test_auto_precision_on_a_gpu_takes_bf16_from_ampere_on(monkeypatch):
+    """torch.cuda.is_bf16_supported() also says yes where bf16 is emulated (V100, T4): auto must not."""
+    from boxrefiner.features.encoder import native_precision
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    for capability, expected in (((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert native_precision(torch.device("cuda", 0))[0] == expected

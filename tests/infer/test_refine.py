@@ -328,16 +328,25 @@ def test_evaluating_detections_equals_scoring_their_refine_boxes_output(trained,
     assert reports[0]["box"]["iou_refined"] != pytest.approx(reports[0]["box"]["iou_input"], abs=1e-3)
 
 
-def test_stored_features_are_found_by_the_next_run(trained, val_images, detections, tmp_path):
+@pytest.mark.parametrize("storage", ["float16", "int8"])
+def test_stored_features_are_found_by_the_next_run(trained, val_images, detections, tmp_path, storage):
+    """The next run reads back exactly the features this one refined with (int8: decoded once, never
+    quantised twice)."""
     checkpoint, _, _ = trained
     image, box = val_images / detections[0]["file_name"], [detections[0]["bbox"]]
     first = BoxRefiner.from_checkpoint(checkpoint, device="cpu", cache_dir=tmp_path / "c", store_features=True)
     second = BoxRefiner.from_checkpoint(checkpoint, device="cpu", cache_dir=tmp_path / "c")
+    first.storage_dtype = second.storage_dtype = storage
     a, b = first.refine(image, box), second.refine(image, box)
     assert (first.encoded, second.encoded, second.cache_hits) == (1, 0, 1)
     np.testing.assert_array_equal(a.boxes, b.boxes)
     [encoder] = read_manifest(tmp_path / "c" / "inference").values()
     assert [e["file"] for e in encoder.entries.values()] == [str(image)]
+    alone = BoxRefiner.from_checkpoint(checkpoint, device="cpu", read_cache=False)  # encodes, stores nothing
+    alone.storage_dtype = storage
+    [fresh], [cached] = alone.image_features([image]), second.image_features([image])
+    assert fresh.embedding is not None and cached.embedding is not None
+    assert torch.equal(fresh.embedding, cached.embedding)
 
 
 def test_several_boxes_per_image_subfolders_and_a_box_outside(trained, val_images, detections, tmp_path):
