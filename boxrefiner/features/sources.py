@@ -262,11 +262,12 @@ def extract(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
 
     with progress(total=len(subset), desc=bar_desc, unit="img", disable=bar_desc is None) as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="boxrefiner-write") as writer:
-        for positions, images, bad in batches:
-            result.failed.update((indices[p], "unreadable_image") for p in bad)
-            if len(positions):
+        for batch in batches:
+            result.failed.update((indices[p], "unreadable_image") for p in batch.bad)
+            if batch.positions:
+                images = batch.normalised(encoder.device)
                 features = encoder.encode(images).cpu().numpy()
-                for row, (position, feature) in enumerate(zip(positions.tolist(), features)):
+                for row, (position, feature) in enumerate(zip(batch.positions, features)):
                     index = indices[position]
                     if not np.isfinite(feature).all():
                         feature = encoder.encode(images[row:row + 1]).cpu().numpy()[0]
@@ -277,7 +278,7 @@ def extract(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
                         continue
                     writes.append((index, writer.submit(cache.save, keys[index], feature, entry_record(records[index]))))
             settle(behind=2 * batch_size)
-            bar.update(len(positions) + len(bad))
+            bar.update(len(batch.positions) + len(batch.bad))
             if stop_requested(stop):  # every entry written so far is complete and listed
                 break
         settle(behind=0)

@@ -207,16 +207,16 @@ class BoxRefiner:
         """Encode the images no cache holds, in batches (decoded ahead by threads when there are many)."""
         threads = self.num_workers if len(pending) > self.batch_size else 0  # a few images: decoded in turn
         encoder = self.encoder
-        for positions, images, bad in image_batches([p.path for p in pending], self.identity.input_size,
-                                                    self.batch_size, threads, pin=self.device.type == "cuda"):
-            for position in bad:
+        for batch in image_batches([p.path for p in pending], self.identity.input_size, self.batch_size, threads,
+                                   pin=self.device.type == "cuda"):
+            for position in batch.bad:
                 pending[position].error = "unreadable_image"
                 yield pending[position]
-            if not len(positions):
+            if not batch.positions:
                 continue
-            embeddings, interms = encoder.encode_with_interm(images)
+            embeddings, interms = encoder.encode_with_interm(batch.normalised(self.device))
             done = []
-            for position, embedding, interm in zip(positions.tolist(), embeddings, interms):
+            for position, embedding, interm in zip(batch.positions, embeddings, interms):
                 item = pending[position]
                 raw = embedding.cpu().numpy()
                 stored: np.ndarray | None = None

@@ -1,4 +1,5 @@
-"""Extraction's decoding threads hand out the same batches, in the same order, as decoding in turn:
+"""Extraction's decoding threads hand out the same batches, in the same order, as decoding in turn
+(uint8, normalised where the encoder runs into exactly what `preprocess` gives):
 undecodable images reported by position, and a consumer that stops early leaves no thread behind."""
 
 import threading
@@ -27,10 +28,11 @@ def test_threads_decode_the_same_batches_in_order(tmp_path):
     paths = images(tmp_path)
     for threads in (0, 1, 3):
         batches = list(image_batches(paths, 64, batch_size=3, threads=threads))
-        assert [b[0].tolist() for b in batches] == [[0, 1], [3, 4], [6]]
-        assert [b[2] for b in batches] == [[2], [5], []]
-        expected = [ImageDataset(paths, 64)[i][1] for i in (0, 1, 3, 4, 6)]
-        assert torch.equal(torch.cat([b[1] for b in batches]), torch.stack(expected))
+        assert [b.positions for b in batches] == [[0, 1], [3, 4], [6]]
+        assert [b.bad for b in batches] == [[2], [5], []]
+        assert all(b.pixels.dtype == torch.uint8 for b in batches)  # a quarter of float32's bytes to move
+        expected = [ImageDataset(paths, 64)[i][1] for i in (0, 1, 3, 4, 6)]  # what preprocess gives, bit for bit
+        assert torch.equal(torch.cat([b.normalised(torch.device("cpu")) for b in batches]), torch.stack(expected))
 
 
 def test_stopping_early_leaves_no_decoding_thread(tmp_path):
