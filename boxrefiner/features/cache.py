@@ -283,12 +283,6 @@ class FeatureCache:
             self.stats.bytes_read += disk.disk_bytes
         return arr
 
-    def stored_value(self, features: np.ndarray) -> np.ndarray:
-        """What an entry holds for these features: the storage dtype's rounding."""
-        if features.shape != self.shape:
-            raise ValueError(f"feature shape {features.shape} does not match the cache's {self.shape}")
-        return self.storage.round_trip(features)
-
     def save(self, key: str, features: np.ndarray, record: dict) -> np.ndarray | None:
         """Store atomically in the storage dtype and list it in the manifest (`record`: the image's file,
         width, height); returns exactly what was stored, or None (nothing written) when not finite."""

@@ -3,8 +3,8 @@
 `ImageDataset` serves DataLoader workers (the cache-off baseline decodes inside its batches) with
 preprocessed float images. `image_batches` is what extraction and inference use: a few threads decode
 and resize ahead of the encoder in the same process and hand out uint8 batches, which the caller
-normalises where the encoder runs (`encoder.normalise`: one vectorised pass, on the GPU there, and a
-quarter of float32's bytes to copy). Threads, not worker processes, because PIL's decoding and
+normalises where the encoder runs (`encoder.normalise`: on the GPU there, after copying a quarter of
+float32's bytes). Threads, not worker processes, because PIL's decoding and
 resizing release the GIL, and a forked worker makes the parent pay a copy-on-write fault for every
 page of its memory it touches while the workers live: with the encoder's activations churning the
 heap, that cost the extraction pipeline a third of the encoder's throughput on 2 cores.
@@ -23,18 +23,15 @@ import torch
 from torch.utils.data import Dataset
 
 from boxrefiner.data.images import DECODE_ERRORS, load_rgb
-from boxrefiner.features.encoder import normalise, preprocess, resized_pixels
+from boxrefiner.features.encoder import normalise, resized_pixels
 
 log = logging.getLogger(__name__)
 
 
 def decode_image(path: Path, input_size: int) -> torch.Tensor:
     """The preprocessed (3, S, S) float image, or an empty tensor when it cannot be decoded (logged)."""
-    try:
-        return preprocess(load_rgb(path), input_size)
-    except DECODE_ERRORS:  # truncated or corrupt: an empty tensor, dropped by the caller
-        log.warning("cannot decode %s; skipping it", path)
-        return torch.empty(0)
+    resized = _resized(path, input_size)
+    return torch.empty(0) if resized is None else normalise(resized[0][None], [resized[1]])[0]
 
 
 class ImageDataset(Dataset):
@@ -66,9 +63,10 @@ class PixelBatch:
 
 
 def _resized(path: Path, input_size: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """The image resized and padded (uint8) and its size, or None when it cannot be decoded (logged)."""
     try:
         return resized_pixels(load_rgb(path), input_size)
-    except DECODE_ERRORS:
+    except DECODE_ERRORS:  # truncated or corrupt: the caller reports it by position
         log.warning("cannot decode %s; skipping it", path)
         return None
 

@@ -30,7 +30,9 @@ from boxrefiner.data.images import DECODE_ERRORS, oriented_size
 from boxrefiner.features.cache import FeatureCache
 from boxrefiner.features.decode import image_batches
 from boxrefiner.features.encoder import (
+    EMBED_DIM,
     ENCODER_REVISIONS,
+    PATCH,
     PREPROCESS_VERSION,
     EncoderError,
     EncoderIdentity,
@@ -207,6 +209,8 @@ class BoxRefiner:
         """Encode the images no cache holds, in batches (decoded ahead by threads when there are many)."""
         threads = self.num_workers if len(pending) > self.batch_size else 0  # a few images: decoded in turn
         encoder = self.encoder
+        grid = self.identity.input_size // PATCH
+        codec = Storage(self.storage_dtype, (EMBED_DIM, grid, grid))  # without a store: what a read would give
         for batch in image_batches([p.path for p in pending], self.identity.input_size, self.batch_size, threads,
                                    pin=self.device.type == "cuda"):
             for position in batch.bad:
@@ -223,7 +227,7 @@ class BoxRefiner:
                 if np.isfinite(raw).all():  # what training saw: the storage dtype's values, as a cached read gives
                     stored = (store.save(keys[item.index], raw, {"file": str(item.path), "width": item.width,
                                                                    "height": item.height}) if store is not None
-                              else Storage(self.storage_dtype, tuple(raw.shape)).round_trip(raw))
+                              else codec.round_trip(raw))
                 if stored is None or not np.isfinite(stored).all():
                     item.error = "nonfinite_features"
                     yield item
