@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from boxrefiner.config import Config
 from boxrefiner.errors import UserError
@@ -284,26 +285,33 @@ class FeatureCache:
         return arr
 
     def save(self, key: str, features: np.ndarray, record: dict) -> np.ndarray | None:
-        """Store atomically in the storage dtype and list it in the manifest (`record`: the image's file,
-        width, height); returns exactly what was stored, or None (nothing written) when not finite."""
+        """Store one map atomically in the storage dtype and list it in the manifest (`record`: the
+        image's file, width, height); returns exactly what a read will return, or None (nothing
+        written) when the features or their stored values would not be finite."""
         if features.shape != self.shape:
             raise ValueError(f"feature shape {features.shape} does not match the cache's {self.shape}")
-        if not np.isfinite(features).all():
+        batch = torch.from_numpy(np.asarray(features))[None]
+        if not bool(self.storage.fits(batch)[0]):
             return None
-        encoded = self.storage.encode(features)
-        stored = self.storage.decode(encoded)
-        if not np.isfinite(stored).all():  # beyond float16's range
-            return None
+        encoded = self.storage.encode_batch(batch)[0].numpy()
+        self.write(key, encoded, record)
+        return self.storage.decode(encoded)
+
+    def write(self, key: str, encoded: np.ndarray, record: dict) -> None:
+        """Write an entry's array as `storage.encode_batch` made it (from maps that `storage.fits`),
+        atomically, listed in the manifest first: a kill cannot orphan it."""
+        if encoded.shape != self.storage.disk_shape or encoded.dtype != self.storage.disk_dtype:
+            raise ValueError(f"entry array {encoded.shape} {encoded.dtype} is not the cache's "
+                             f"{self.storage.disk_shape} {self.storage.disk_dtype}")
         if not self._root_ready:
             if not self.root.is_dir():
                 self.root.mkdir(parents=True, exist_ok=True)
             mark_root(self.root)
             self._root_ready = True
-        self.manifest.add(self.tag, self.info, {key: record})  # listed first: a kill cannot orphan it
+        self.manifest.add(self.tag, self.info, {key: record})
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: np.save(f, encoded))
-        return stored
 
     def listed(self) -> dict[str, dict]:
         """This encoder's entries according to the manifest (verified only when read)."""

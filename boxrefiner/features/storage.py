@@ -3,18 +3,27 @@ channel: each channel's H*W values mapped linearly onto 256 levels between its m
 followed in the same row by that channel's scale and zero point as two float32 (8 bytes). The entry
 file is then a (C, H*W + 8) int8 `.npy`: half of float16's bytes, read and written like the others.
 
+Encoding runs in torch on a batch, on whatever device the encoder left it (`encode_batch`): on a GPU
+the maps leave it already in their stored bytes (half or a quarter of float32's), and on a CPU the
+conversion is vectorised and runs with the encoder's threads rather than beside them.
+
 Readers always get the values back (`decode`): float16/float32 maps as stored, int8 maps as
 `level * scale + zero` in float16, so an int8 split held in memory takes float16's room, not float32's
-(float16's own rounding, at most 0.0039 on values within ±8, adds to the quantisation's half level). What training and inference see is `round_trip(features)`, the same values
-a read returns, so a freshly encoded image and a cached one give the same boxes.
+(float16's own rounding, at most 0.0039 on values within ±8, adds to the quantisation's half level).
+What training and inference see is `round_trip(features)`, the same values a read returns, so a
+freshly encoded image and a cached one give the same boxes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from boxrefiner.utils.device import one_thread_after_fork
 
 STORAGE_DTYPES = ("float16", "float32", "int8")
 _PARAMS = 8  # bytes of (scale, zero) per channel, as float32
+one_thread_after_fork()  # entries are also encoded in forked processes (writers of a shared cache)
 
 
 class Storage:
@@ -31,24 +40,32 @@ class Storage:
         self.value_dtype = np.dtype(np.float16 if self.quantised else storage_dtype)  # what a read hands out
         self.disk_dtype = np.dtype(storage_dtype)
         self.disk_shape = (channels, cells + _PARAMS) if self.quantised else self.shape
+        self.limit = float(np.finfo(self.value_dtype).max)  # the largest magnitude a read can hand back
 
     @property
     def disk_bytes(self) -> int:
         return int(np.prod(self.disk_shape)) * self.disk_dtype.itemsize
 
-    def encode(self, features: np.ndarray) -> np.ndarray:
-        """The array an entry holds for these features."""
+    def fits(self, features: torch.Tensor) -> torch.Tensor:
+        """Per map of the batch (B, C, H, W): whether it is finite and a read of it would be too (float16
+        ends at 65504). One reduction: NaN and inf fail the comparison."""
+        return features.flatten(1).abs().amax(dim=1) <= self.limit
+
+    def encode_batch(self, features: torch.Tensor) -> torch.Tensor:
+        """The arrays the entries of a batch of maps hold, (B, *disk_shape), on the maps' device."""
         if not self.quantised:
-            return np.ascontiguousarray(features, dtype=self.disk_dtype)
-        flat = np.asarray(features, dtype=np.float32).reshape(self.shape[0], self.cells)
-        zero = flat.min(axis=1)
-        scale = (flat.max(axis=1) - zero) / 255.0
-        scale[~(scale > 0)] = 1.0  # a constant channel (or NaN, which the caller refuses): any scale decodes it
-        levels = np.clip(np.rint((flat - zero[:, None]) / scale[:, None]), 0, 255) - 128
-        out = np.empty(self.disk_shape, np.int8)
-        out[:, :self.cells] = levels.astype(np.int8)
-        out[:, self.cells:] = np.stack([scale, zero], axis=1).astype(np.float32).view(np.int8)
-        return out
+            return features.to(getattr(torch, self.name)).contiguous()
+        flat = features.float().reshape(len(features), self.shape[0], self.cells)
+        zero = flat.amin(dim=2)
+        scale = (flat.amax(dim=2) - zero) / 255.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant channel: any scale decodes it
+        levels = ((flat - zero[..., None]) / scale[..., None]).round_().clamp_(0, 255).sub_(128).to(torch.int8)
+        params = torch.stack([scale, zero], dim=2).contiguous().view(torch.int8)  # (B, C, 8): two float32
+        return torch.cat([levels, params], dim=2)
+
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """The array an entry holds for one map."""
+        return self.encode_batch(torch.from_numpy(np.asarray(features))[None])[0].numpy()
 
     def decode(self, stored: np.ndarray) -> np.ndarray:
         """The values of an entry's array (float16/float32: the array itself)."""

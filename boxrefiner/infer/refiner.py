@@ -224,11 +224,11 @@ class BoxRefiner:
                 item = pending[position]
                 raw = embedding.cpu().numpy()
                 stored: np.ndarray | None = None
-                if np.isfinite(raw).all():  # what training saw: the storage dtype's values, as a cached read gives
+                if bool(codec.fits(embedding[None])):  # what training saw: the storage dtype's values, as a cached read gives
                     stored = (store.save(keys[item.index], raw, {"file": str(item.path), "width": item.width,
                                                                    "height": item.height}) if store is not None
                               else codec.round_trip(raw))
-                if stored is None or not np.isfinite(stored).all():
+                if stored is None:
                     item.error = "nonfinite_features"
                     yield item
                     continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from boxrefiner.errors import ConfigError
@@ -34,3 +36,16 @@ def cpu_has_bf16() -> bool:
         return bool(check()) if check is not None else True
     except RuntimeError:
         return True
+
+
+_FORK_HOOKED = False
+
+
+def one_thread_after_fork() -> None:
+    """Make a forked child run torch's CPU operations on one thread. OpenMP's thread pool does not
+    survive fork: the child's first parallel operation would wait forever for the parent's threads
+    (torch's own DataLoader workers do the same). Idempotent."""
+    global _FORK_HOOKED
+    if not _FORK_HOOKED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+        _FORK_HOOKED = True

@@ -8,8 +8,9 @@ import torch
 from boxrefiner.features.cache import FeatureCache
 from boxrefiner.features.encoder import EncoderIdentity
 from boxrefiner.features.reader import EntryReader
-from boxrefiner.features.storage import Storage
+from boxrefiner.features.storage import STORAGE_DTYPES, Storage
 
+CPU = torch.device("cpu")
 IDENTITY = EncoderIdentity("vit_tiny", "random-init-test", 256, "fp32")
 
 
@@ -68,3 +69,60 @@ def test_float_storage_is_unchanged(storage):
     codec = Storage(storage, values.shape)
     assert codec.encode(values).dtype == np.dtype(storage) and codec.encode(values).shape == values.shape
     assert np.array_equal(codec.round_trip(values), values.astype(storage))
+
+
+@pytest.mark.parametrize("storage", ["float16", "int8", "float32"])
+def test_fits_refuses_what_a_read_could_not_hand_back(storage):
+    codec = Storage(storage, (4, 2, 2))
+    batch = torch.zeros(5, 4, 2, 2)
+    batch[1, 0, 0, 0] = float("nan")
+    batch[2, 3, 1, 1] = float("-inf")
+    batch[3, 2, 0, 1] = 7e4  # beyond float16 (which int8 entries decode to), within float32
+    batch[4, 1, 1, 0] = -65504.0  # float16's largest magnitude still fits
+    assert codec.fits(batch).tolist() == [True, False, False, storage == "float32", True]
+
+
+@pytest.mark.parametrize("storage", STORAGE_DTYPES)
+def test_a_batch_is_encoded_map_by_map(storage):
+    """Each map of a batch gets its own scales: encoding a batch is encoding its maps one at a time."""
+    values = np.stack([maps(4), 30 * maps(5), maps(6) - 7])
+    codec = Storage(storage, values.shape[1:])
+    batch = codec.encode_batch(torch.from_numpy(values)).numpy()
+    assert batch.shape == (3, *codec.disk_shape) and batch.dtype == codec.disk_dtype
+    for row, one in zip(batch, values):
+        assert np.array_equal(row, codec.encode(one))
+
+
+def test_extraction_keeps_a_map_that_is_finite_when_encoded_again_and_leaves_out_one_beyond_float16(
+        synthetic_root, tmp_path, monkeypatch, caplog):
+    from boxrefiner.config import DataConfig, HQSAMConfig
+    from boxrefiner.data.splits import load_split
+    from boxrefiner.features.encoder import ImageEncoder, build_encoder, encoder_identity
+    from boxrefiner.features.sources import warm_up
+
+    images = load_split(DataConfig(data_root=str(synthetic_root)), "val").images[:6]
+    cfg = HQSAMConfig(model_type="vit_tiny", allow_random_init=True, input_size=256)
+    identity = encoder_identity(cfg)
+    real_encode = ImageEncoder.encode
+    clean = {}
+
+    def poisoned(self, batch, precision=None):  # the first batch of each cache: images 0-2
+        features = real_encode(self, batch, precision).clone()
+        if len(batch) > 1 and "first" not in clean:
+            clean["first"] = features[0].clone()
+            features[0, 5, 1, 1] = float("nan")  # a glitch of the batched call: the retry alone is finite
+            features[2] *= 1e5  # beyond float16's range, finite
+        return features
+
+    monkeypatch.setattr(ImageEncoder, "encode", poisoned)
+    results = {}
+    for storage in ("float16", "float32"):
+        cache = FeatureCache(tmp_path / storage, "val", identity, storage)
+        keys = [cache.key_for(f"img{k}") for k in range(len(images))]
+        results[storage] = warm_up(cache, images, keys, lambda: build_encoder(cfg, CPU, identity), batch_size=3,
+                                   num_workers=2)
+        if storage == "float16":
+            assert np.array_equal(cache.load(keys[0]), clean.pop("first").numpy().astype(np.float16))
+    assert results["float16"][1:] == (5, {2: "nonfinite_features"})
+    assert "do not fit float16 storage" in caplog.text
+    assert results["float32"][1:] == (6, {})
