@@ -355,10 +355,12 @@ def resized_pixels(image: np.ndarray, input_size: int) -> tuple[torch.Tensor, tu
     """The first half of `preprocess`: the image resized as SamPredictor does (longest side to S, PIL
     bilinear), zero-padded to (3, S, S) uint8, and its (height, width) before padding."""
     new_h, new_w = resized_shape(image.shape[0], image.shape[1], input_size)
-    resized = np.array(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))  # writable uint8
-    pixels = torch.zeros(3, input_size, input_size, dtype=torch.uint8)
-    pixels[:, :new_h, :new_w] = torch.from_numpy(resized).permute(2, 0, 1)
-    return pixels, (new_h, new_w)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    # numpy, not torch: this runs in decoding threads, and a torch operation there would start an OpenMP
+    # team of its own beside the encoder's, whose spinning threads take the encoder's cores
+    pixels = np.zeros((3, input_size, input_size), dtype=np.uint8)
+    pixels[:, :new_h, :new_w] = resized.transpose(2, 0, 1)
+    return torch.from_numpy(pixels), (new_h, new_w)
 
 
 def normalise(pixels: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:

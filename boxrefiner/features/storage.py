@@ -4,8 +4,8 @@ followed in the same row by that channel's scale and zero point as two float32 (
 file is then a (C, H*W + 8) int8 `.npy`: half of float16's bytes, read and written like the others.
 
 Encoding runs in torch on a batch, on whatever device the encoder left it (`encode_batch`): on a GPU
-the maps leave it already in their stored bytes (half or a quarter of float32's), and on a CPU the
-conversion is vectorised and runs with the encoder's threads rather than beside them.
+the maps leave it already in their stored bytes (float16 and int8: half and a quarter of float32's),
+and on a CPU the conversion is vectorised and runs with the encoder's threads rather than beside them.
 
 Readers always get the values back (`decode`): float16/float32 maps as stored, int8 maps as
 `level * scale + zero` in float16, so an int8 split held in memory takes float16's room, not float32's
@@ -47,19 +47,22 @@ class Storage:
         return int(np.prod(self.disk_shape)) * self.disk_dtype.itemsize
 
     def fits(self, features: torch.Tensor) -> torch.Tensor:
-        """Per map of the batch (B, C, H, W): whether it is finite and a read of it would be too (float16
-        ends at 65504). One reduction: NaN and inf fail the comparison."""
+        """Per map of the batch (B, C, H, W): whether it is finite and within what a read can hand back
+        (float16, also int8's decoded values, ends at 65504). One reduction: NaN and inf fail it."""
         return features.flatten(1).abs().amax(dim=1) <= self.limit
 
     def encode_batch(self, features: torch.Tensor) -> torch.Tensor:
         """The arrays the entries of a batch of maps hold, (B, *disk_shape), on the maps' device."""
+        if tuple(features.shape[1:]) != self.shape:
+            raise ValueError(f"feature maps {tuple(features.shape[1:])} are not the storage's {self.shape}")
         if not self.quantised:
             return features.to(getattr(torch, self.name)).contiguous()
         flat = features.float().reshape(len(features), self.shape[0], self.cells)
         zero = flat.amin(dim=2)
-        scale = (flat.amax(dim=2) - zero) / 255.0
+        # divided by a tensor, not a Python number: CUDA would multiply by 1/255 (one bit off) instead
+        scale = (flat.amax(dim=2) - zero) / torch.full_like(zero, 255.0)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant channel: any scale decodes it
-        levels = ((flat - zero[..., None]) / scale[..., None]).round_().clamp_(0, 255).sub_(128).to(torch.int8)
+        levels = (flat - zero[..., None]).div_(scale[..., None]).round_().clamp_(0, 255).sub_(128).to(torch.int8)
         params = torch.stack([scale, zero], dim=2).contiguous().view(torch.int8)  # (B, C, 8): two float32
         return torch.cat([levels, params], dim=2)
 

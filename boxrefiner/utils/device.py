@@ -44,7 +44,8 @@ _FORK_HOOKED = False
 def one_thread_after_fork() -> None:
     """Make a forked child run torch's CPU operations on one thread. OpenMP's thread pool does not
     survive fork: the child's first parallel operation would wait forever for the parent's threads
-    (torch's own DataLoader workers do the same). Idempotent."""
+    (torch's own DataLoader workers do the same). Process-wide: every fork after the first call, which
+    is what any forked child of a process that has run torch needs anyway. Idempotent."""
     global _FORK_HOOKED
     if not _FORK_HOOKED and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
