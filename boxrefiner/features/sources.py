@@ -262,7 +262,7 @@ def extract(cache: FeatureCache, records: Sequence[ImageRecord], keys: Sequence[
         while len(writes) > behind:
             index, done = writes.popleft()
             stored = done.result()
-            if keep and stored is not None:
+            if stored is not None:  # (keep)
                 result.stored[index] = stored
 
     with progress(total=len(subset), desc=bar_desc, unit="img", disable=bar_desc is None) as bar, \
@@ -291,14 +291,14 @@ def encode_for_storage(encoder: ImageEncoder, storage: Storage, images: torch.Te
     keeps it out of the cache (None: nothing). Maps that are not finite are encoded once more, alone."""
     features = encoder.encode(images)
     fits = storage.fits(features).tolist()
-    finite = fits
-    if not all(fits):
+    if all(fits):  # the usual case: one reduction, nothing else to tell
+        return storage.encode_batch(features).cpu().numpy(), [None] * len(fits)
+    finite = torch.isfinite(features).flatten(1).all(dim=1).tolist()
+    if not all(finite):
+        features = torch.cat([features[k:k + 1] if ok else encoder.encode(images[k:k + 1])
+                              for k, ok in enumerate(finite)])
+        fits = storage.fits(features).tolist()
         finite = torch.isfinite(features).flatten(1).all(dim=1).tolist()
-        if not all(finite):
-            features = torch.cat([features[k:k + 1] if ok else encoder.encode(images[k:k + 1])
-                                  for k, ok in enumerate(finite)])
-            fits = storage.fits(features).tolist()
-            finite = torch.isfinite(features).flatten(1).all(dim=1).tolist()
     problems = [None if ok else
                 "its features are not finite (NaN or inf), also when encoded again" if not finite[k] else
                 f"its features do not fit {storage.name} storage" for k, ok in enumerate(fits)]

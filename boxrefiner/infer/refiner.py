@@ -223,11 +223,12 @@ class BoxRefiner:
             for position, embedding, interm in zip(batch.positions, embeddings, interms):
                 item = pending[position]
                 raw = embedding.cpu().numpy()
-                stored: np.ndarray | None = None
-                if bool(codec.fits(embedding[None])):  # what training saw: the storage dtype's values, as a cached read gives
-                    stored = (store.save(keys[item.index], raw, {"file": str(item.path), "width": item.width,
-                                                                   "height": item.height}) if store is not None
-                              else codec.round_trip(raw))
+                stored: np.ndarray | None = None  # what training saw: the storage dtype's values, as a cached read gives
+                if store is not None:  # (None when they do not fit the storage)
+                    stored = store.save(keys[item.index], raw, {"file": str(item.path), "width": item.width,
+                                                                 "height": item.height})
+                elif bool(codec.fits(embedding[None])):
+                    stored = codec.round_trip(raw)
                 if stored is None:
                     item.error = "nonfinite_features"
                     yield item
